@@ -1,0 +1,3 @@
+"""distilray: make language models faster and leaner, on Ray."""
+
+__version__ = "0.1.0"

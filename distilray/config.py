@@ -1,0 +1,269 @@
+"""Typed, frozen configs: one dataclass per command, a YAML file plus `key=value` overrides.
+
+    cfg = load_config(TrainLMConfig, "configs/train_lm_small.yaml", ["steps=50", "corpus.dataset=wikitext2"])
+
+Nested dataclasses are addressed with dotted keys. An unknown key is an error that names it and
+lists the keys that do exist; a value of the wrong type is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from distilray.errors import DistilrayError
+
+C = TypeVar("C")
+
+
+# --------------------------------------------------------------------------------------- pieces
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where text comes from and how it is split (see distilray.corpus)."""
+
+    dataset: str = "pydoc"  # built-in name, ../shared/data name, local file/folder, or hf:NAME[:CONFIG]
+    text_field: str = "text"  # field holding the text in .jsonl / Parquet / HF rows
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    split_seed: int = 0
+
+
+# ------------------------------------------------------------------------------------- commands
+@dataclass(frozen=True)
+class PreprocessConfig:
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    output_dir: str = "data/preprocessed"
+
+
+@dataclass(frozen=True)
+class TrainTokenizerConfig:
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    output_dir: str = ""  # empty: cached under artifacts_dir/tokenizers, keyed by config
+    artifacts_dir: str = "artifacts"
+
+
+@dataclass(frozen=True)
+class TrainLMConfig:
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    model: str = "mini"  # size preset (distilray.models.causal_lm.PRESETS) or a HF path / local folder
+    tokenizer: str = ""  # HF path / local folder; empty: a BPE trained on the corpus (cached)
+    vocab_size: int = 4096  # for the trained BPE
+    seq_len: int = 128
+    batch_size: int = 16  # global, split evenly across workers
+    steps: int = 300
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    num_workers: int = 1
+    cpus_per_worker: int = 0  # 0: this machine's CPUs divided by num_workers (local), 1 on a cluster
+    use_gpu: str = "auto"  # auto | true | false
+    checkpoint_every: int = 100
+    report_every: int = 50  # Ray Train reports; metrics.csv and TensorBoard get every step
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint before giving up
+    eval_max_tokens: int = 50_000  # validation tokens for the final perplexity
+    artifacts_dir: str = "artifacts"
+    name: str = ""  # run name; empty: derived from the model and the config hash
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalPPLConfig:
+    model: str = ""  # HF path / local save_pretrained folder (required)
+    tokenizer: str = ""  # empty: the model's folder
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    split: str = "test"
+    context_len: int = 0  # 0: the model's maximum context
+    stride: int = 0  # 0: context_len // 2
+    max_tokens: int = 100_000  # 0: the whole split
+    batch_size: int = 8
+    output: str = ""  # optional JSON file for the result
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    artifacts_dir: str = "artifacts"
+    vocab_size: int = 4096
+    target_model: str = "mini"
+    target_steps: int = 400
+    drafter_model: str = "tiny"
+    drafter_steps: int = 300
+    seq_len: int = 128
+    batch_size: int = 16
+    num_workers: int = 1
+    sample_prompt: str = "The for statement"
+    sample_tokens: int = 40
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    model: str = "mini"
+    vocab_size: int = 4096
+    seq_len: int = 128
+    batch_size: int = 16
+    warmup_steps: int = 5  # untimed steps before measuring
+    steps: int = 30  # timed steps per setting
+    worker_counts: tuple[int, ...] = (1, 2)
+    eval_data: str = ""  # optional text to train on; empty: the built-in corpus
+    artifacts_dir: str = "artifacts"
+    json_out: str = ""
+    seed: int = 0
+
+
+COMMAND_CONFIGS: dict[str, type] = {
+    "preprocess": PreprocessConfig,
+    "train-tokenizer": TrainTokenizerConfig,
+    "train-lm": TrainLMConfig,
+    "eval-ppl": EvalPPLConfig,
+    "quickstart": QuickstartConfig,
+    "bench-train": BenchTrainConfig,
+}
+
+
+# -------------------------------------------------------------------------------------- loading
+def load_config(cls: type[C], path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> C:
+    """Build `cls` from an optional YAML file, then `key=value` overrides (dotted keys for nesting)."""
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise DistilrayError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DistilrayError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise DistilrayError(f"config file {path} must hold a mapping of keys to values")
+        values = _flatten(loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise DistilrayError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = _parse_scalar(raw)
+    return _build(cls, values, prefix="")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Any, exclude: tuple[str, ...] = ()) -> str:
+    """Short stable hash of a config's result-relevant fields (keys in `exclude` left out)."""
+    d = {k: v for k, v in config_to_dict(cfg).items() if k not in exclude}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key in list(values):
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):].split(".", 1)[0]
+        if name not in fields:
+            known = ", ".join(sorted(_all_keys(cls, prefix)))
+            raise DistilrayError(f"unknown config key {key!r} for {cls.__name__}; known keys: {known}")
+    for name, f in fields.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            sub = {k: v for k, v in values.items() if k.startswith(f"{prefix}{name}.")}
+            if f"{prefix}{name}" in values:
+                raise DistilrayError(f"config key {prefix}{name!r} is a section; set {prefix}{name}.<key> instead")
+            if sub:
+                kwargs[name] = _build(hint, sub, f"{prefix}{name}.")
+        elif f"{prefix}{name}" in values:
+            kwargs[name] = _coerce(f"{prefix}{name}", values[f"{prefix}{name}"], hint)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise DistilrayError(f"bad config for {cls.__name__}: {e}") from None
+
+
+def _all_keys(cls: type, prefix: str) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += [f"{f.name}.{k}" for k in _all_keys(hints[f.name], "")]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        last_error: DistilrayError | None = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except DistilrayError as e:
+                last_error = e
+        raise last_error or DistilrayError(f"config key {key!r}: bad value {value!r}")
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        inner = args[0] if args else str
+        return tuple(_coerce(key, v, inner) for v in items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise DistilrayError(f"config key {key!r} expects true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise DistilrayError(f"config key {key!r} expects an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise DistilrayError(f"config key {key!r} expects a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise DistilrayError(f"config key {key!r} expects a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value

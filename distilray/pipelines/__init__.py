@@ -1,0 +1,1 @@
+"""One module per Ray job: run(config) -> result paths and figures."""

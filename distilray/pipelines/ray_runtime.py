@@ -1,0 +1,34 @@
+"""Connecting to Ray: a cluster when one is named, a local instance otherwise (the embedded default)."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def ensure_ray(num_cpus: int | None = None, object_store_mb: int | None = None) -> None:
+    """`RAY_ADDRESS` (set by `ray job submit` too) targets a cluster; no address starts local Ray."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # Ray 2.60 otherwise writes an auth token that later CLI calls then fail on.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs: dict = {"log_to_driver": True}
+    if num_cpus:
+        kwargs["num_cpus"] = num_cpus
+    if object_store_mb:
+        kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
+    ray.init(**kwargs)
+
+
+def largest_node_cpus() -> int:
+    """CPUs of the biggest alive node: a training worker must fit on one node."""
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus or [1])
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0

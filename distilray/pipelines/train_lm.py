@@ -1,0 +1,295 @@
+"""`distilray train-lm`: a causal LM trained with Ray Train (DDP: gloo on CPU, NCCL on GPU).
+
+The driver tokenizes the corpus once and puts the packed blocks in the object store, so workers on
+any node read them without a shared file system. Batches are a pure function of (seed, step), so a
+run resumed from a checkpoint (after a worker crash, or when the same command is run again) trains on
+exactly the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from distilray import corpus
+from distilray.config import TrainLMConfig, config_hash
+from distilray.errors import DistilrayError
+from distilray.eval.perplexity import perplexity
+from distilray.io_utils import atomic_dir, atomic_write_json, read_json
+from distilray.models.causal_lm import build_causal_lm, count_parameters, is_preset, load_causal_lm
+from distilray.pipelines import train_tokenizer
+from distilray.pipelines.ray_runtime import cluster_has_gpus, ensure_ray, largest_node_cpus
+from distilray.tokenizer import encode_documents, load_tokenizer
+from distilray.training import (
+    MetricsLog,
+    batch_rows,
+    flat_tokens,
+    load_checkpoint_into,
+    lm_loss,
+    lr_at,
+    make_optimizer,
+    pack_tokens,
+    read_trainer_state,
+    save_checkpoint,
+)
+
+log = logging.getLogger("distilray.train_lm")
+
+# Config fields that do not change what is trained (left out of the artifact cache key).
+_NOT_IN_KEY = ("artifacts_dir", "checkpoint_every", "report_every", "keep_checkpoints", "max_failures", "name", "cpus_per_worker")
+
+
+def run_dir_for(cfg: TrainLMConfig) -> Path:
+    if cfg.name:
+        return Path(cfg.artifacts_dir).resolve() / "lm" / cfg.name
+    key = config_hash(cfg, exclude=_NOT_IN_KEY)
+    fingerprint = corpus.corpus_fingerprint(cfg.corpus)[:6]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.model.strip("/").split("/")[-1])
+    return Path(cfg.artifacts_dir).resolve() / "lm" / f"{slug}-{key}-{fingerprint}"
+
+
+def prepare_data(cfg: TrainLMConfig):
+    """Tokenizer folder, packed training blocks # (N, seq_len+1), validation stream # (T,)."""
+    if cfg.seq_len < 8:
+        raise DistilrayError(f"seq_len must be at least 8, got {cfg.seq_len}")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise DistilrayError("steps and batch_size must be positive")
+    if cfg.tokenizer:
+        tok_dir = Path(cfg.tokenizer)
+    elif is_preset(cfg.model):
+        tok_dir = train_tokenizer.get_or_train(cfg.corpus, cfg.vocab_size, cfg.artifacts_dir)
+    else:
+        tok_dir = Path(cfg.model)  # fine-tuning an existing model: use its own tokenizer
+    tokenizer = load_tokenizer(tok_dir)
+    splits = corpus.load_splits(cfg.corpus)
+    train_blocks = pack_tokens(encode_documents(tokenizer, splits["train"]), cfg.seq_len + 1, tokenizer.eos_token_id)
+    val_stream = flat_tokens(encode_documents(tokenizer, splits["validation"]), tokenizer.eos_token_id)
+    return tok_dir, tokenizer, train_blocks, val_stream[: cfg.eval_max_tokens]
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The most advanced complete checkpoint a previous run of this config left behind."""
+    best: tuple[int, Path] | None = None
+    for d in storage.glob("*/checkpoint_*"):
+        if (d / "trainer_state.json").is_file():
+            step = int(read_trainer_state(d)["step"])
+            if best is None or step > best[0]:
+                best = (step, d)
+    return best[1] if best else None
+
+
+def run(cfg: TrainLMConfig, untimed_steps: int = 0) -> dict:
+    """Train (or resume, or reuse from the cache) and return where everything went, with figures."""
+    run_dir = run_dir_for(cfg)
+    result_path = run_dir / "result.json"
+    if result_path.is_file() and (run_dir / "model" / "config.json").is_file():
+        cached = read_json(result_path)
+        cached["cached"] = True
+        return cached
+
+    if not is_preset(cfg.model):
+        load_causal_lm(cfg.model, device="cpu")  # fail early, with a clear message, on a bad path
+    tok_dir, tokenizer, train_blocks, val_stream = prepare_data(cfg)
+    ensure_ray()
+    use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}.get(str(cfg.use_gpu).lower())
+    if use_gpu is None:
+        raise DistilrayError(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
+    cpus = cfg.cpus_per_worker or max(1, min(largest_node_cpus(), int(ray.cluster_resources().get("CPU", 1))) // cfg.num_workers)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage = run_dir / "ray"
+    resume = latest_checkpoint(storage)
+    if resume is not None:
+        log.warning(f"[train-lm] resuming from {resume} (step {read_trainer_state(resume)['step']})")
+    loop_config = {
+        "cfg": dataclasses.asdict(cfg),
+        "train_ref": ray.put(train_blocks),
+        "val_ref": ray.put(val_stream),
+        "tokenizer_files": _tokenizer_files(tokenizer),
+        "run_dir": str(run_dir),
+        "threads": cpus,
+        "untimed_steps": untimed_steps,
+        "resume_dir": str(resume) if resume else "",
+        # fault injection for the resume tests: fail once (marker file) when reaching this step
+        "fail_at_step": int(os.environ.get("DISTILRAY_FAIL_AT_STEP", "0")),
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # per-step report lines drown the progress
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; show the cause, keep the checkpoints
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DistilrayError(f"training failed: {cause}\n  re-run the same command to resume from the latest checkpoint in {storage}") from None
+
+    model_dir = run_dir / "model"
+    with result.checkpoint.as_directory() as ckpt, atomic_dir(model_dir) as tmp:
+        shutil.copytree(ckpt, tmp, dirs_exist_ok=True)
+        (tmp / "optimizer.pt").unlink(missing_ok=True)
+    metrics = result.metrics
+    summary = {
+        "run_dir": str(run_dir),
+        "model_dir": str(model_dir),
+        "tokenizer_dir": str(Path(tok_dir).resolve()),
+        "metrics_csv": str(run_dir / "metrics.csv"),
+        "tensorboard_dir": str(run_dir / "tensorboard"),
+        "parameters": int(metrics["parameters"]),
+        "steps": int(metrics["step"]),
+        "train_tokens": int(train_blocks.size),
+        "final_loss": float(metrics["loss"]),
+        "val_ppl": float(metrics["val_ppl"]),
+        "tokens_per_s": float(metrics["mean_tokens_per_s"]),
+        "num_workers": cfg.num_workers,
+        "config": dataclasses.asdict(cfg),
+        "cached": False,
+    }
+    atomic_write_json(result_path, summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------- on the workers
+def train_loop(c: dict) -> None:
+    cfg = TrainLMConfig(**{**c["cfg"], "corpus": type(TrainLMConfig().corpus)(**c["cfg"]["corpus"])})
+    _quiet_per_step_report_lines()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(c["threads"])
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="distilray-tok-"))
+    _write_folder(tok_dir, c["tokenizer_files"])
+    tokenizer = load_tokenizer(tok_dir)
+    if is_preset(cfg.model):
+        model = build_causal_lm(cfg.model, tokenizer, dropout=cfg.dropout, n_positions=max(512, cfg.seq_len))
+    else:
+        model = load_causal_lm(cfg.model, device="cpu", dtype=torch.float32).train()
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()  # set after a worker-group restart within this run
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            start = int(load_checkpoint_into(Path(d), model, optimizer)["step"])
+    elif c["resume_dir"]:  # left by an earlier, interrupted run of the same config
+        start = int(load_checkpoint_into(Path(c["resume_dir"]), model, optimizer)["step"])
+    raw_model = model
+    model = ray.train.torch.prepare_model(model)  # DDP when world > 1, and onto the device
+    blocks = torch.from_numpy(np.asarray(ray.get(c["train_ref"])).astype(np.int64))
+    metrics_log = MetricsLog(Path(c["run_dir"]), resume_step=start) if rank == 0 else None
+    n_params = count_parameters(raw_model)
+    print_every = max(1, cfg.steps // 20)
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    skip = c.get("untimed_steps", 0)  # warm-up steps left out of the mean throughput (benchmarks)
+    loss_value, elapsed, timed_steps = float("nan"), 0.0, 0
+    model.train()
+    for step in range(start, cfg.steps):
+        _maybe_inject_failure(c, step, rank)
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = batch_rows(len(blocks), cfg.batch_size, step, cfg.seed, rank, world)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = lm_loss(model, blocks[rows].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        loss_value = float(loss.detach())  # this rank's loss; ranks differ only by their batch
+        dt = time.perf_counter() - t0
+        if step - start >= skip:
+            elapsed, timed_steps = elapsed + dt, timed_steps + 1
+        done = step + 1
+        metrics = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt, "parameters": n_params}
+        if metrics_log is not None:
+            metrics_log.log(done, {k: v for k, v in metrics.items() if k not in ("step", "parameters")})
+            if done % print_every == 0 or done == cfg.steps:
+                log.info(f"[train-lm] step {done}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e} tok/s {metrics['tokens_per_s']:.0f}")
+        final = done == cfg.steps
+        if final:
+            metrics["mean_tokens_per_s"] = tokens_per_step * timed_steps / elapsed if elapsed else float("nan")
+            metrics["val_ppl"] = _validation_ppl(raw_model, c, cfg) if rank == 0 else float("nan")
+        if final or done % cfg.checkpoint_every == 0:
+            _report_with_checkpoint(metrics, raw_model, tokenizer, optimizer, done, rank, cfg)
+        elif done % cfg.report_every == 0:
+            # A report waits for the controller's next poll (every 2 s), so reporting every step
+            # would throttle a fast loop; every rank reports at the same steps, as Ray Train needs.
+            ray.train.report(metrics)
+    if metrics_log is not None:
+        metrics_log.close()
+    shutil.rmtree(tok_dir, ignore_errors=True)
+
+
+def _maybe_inject_failure(c: dict, step: int, rank: int) -> None:
+    marker = Path(c["run_dir"]) / "injected_failure"
+    if c["fail_at_step"] and step == c["fail_at_step"] and rank == 0 and not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"injected failure at step {step}")
+
+
+def _quiet_per_step_report_lines() -> None:
+    """Ray Train logs every report at INFO on the console; progress lines every few steps say enough."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: the lines just stay
+        pass
+
+
+def _report_with_checkpoint(metrics, model, tokenizer, optimizer, step, rank, cfg) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them)."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="distilray-ckpt-") as d:
+        save_checkpoint(Path(d), model, tokenizer, optimizer, {"step": step, "seed": cfg.seed, "model": cfg.model})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:07d}")
+
+
+@torch.no_grad()
+def _validation_ppl(model, c: dict, cfg: TrainLMConfig) -> float:
+    val = np.asarray(ray.get(c["val_ref"]))
+    if len(val) < 2:
+        return float("nan")
+    model.eval()
+    ppl = perplexity(model, val, context_len=cfg.seq_len, stride=max(1, cfg.seq_len // 2))["ppl"]
+    model.train()
+    return ppl if math.isfinite(ppl) else float("nan")
+
+
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The tokenizer's saved files, shipped to workers inside the loop config (no shared disk needed)."""
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+
+
+def _write_folder(path: Path, files: dict[str, bytes]) -> None:
+    os.makedirs(path, exist_ok=True)
+    for name, data in files.items():
+        (path / name).write_bytes(data)
