@@ -7,6 +7,7 @@ Goal: Ray Train with one worker at least 0.9x the bare loop.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import tempfile
 import time
@@ -47,6 +48,13 @@ def bare_loop_tokens_per_s(cfg: TrainLMConfig, blocks: np.ndarray, tokenizer, un
     return cfg.batch_size * cfg.seq_len * timed / elapsed
 
 
+def _bare_in_fresh_process(*args) -> float:
+    """Run the bare loop in a new process with no Ray in it: the driver hosts Ray's client threads."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(bare_loop_tokens_per_s, args)
+
+
 def run(cfg: BenchTrainConfig) -> dict:
     ensure_ray()
     import ray
@@ -82,7 +90,7 @@ def run(cfg: BenchTrainConfig) -> dict:
         "unit": "training tokens per second",
     }
     print(f"[bench train] bare torch loop ({cpus} threads) ...", flush=True)
-    bare_before = bare_loop_tokens_per_s(base, blocks, tokenizer, cfg.warmup_steps, cpus)
+    bare_before = _bare_in_fresh_process(base, blocks, tokenizer, cfg.warmup_steps, cpus)
     with tempfile.TemporaryDirectory(prefix="distilray-bench-") as tmp:
         for workers in cfg.worker_counts:
             print(f"[bench train] Ray Train, {workers} worker(s) ...", flush=True)
@@ -91,7 +99,7 @@ def run(cfg: BenchTrainConfig) -> dict:
             res = train_lm.run(run_cfg, untimed_steps=cfg.warmup_steps)
             results[f"ray_train_{workers}w"] = {"tokens_per_s": res["tokens_per_s"], "threads_per_worker": max(1, cpus // workers)}
     print("[bench train] bare torch loop again (noise check) ...", flush=True)
-    bare_after = bare_loop_tokens_per_s(base, blocks, tokenizer, cfg.warmup_steps, cpus)
+    bare_after = _bare_in_fresh_process(base, blocks, tokenizer, cfg.warmup_steps, cpus)
     bare = (bare_before + bare_after) / 2
     results["bare_loop"] = {"tokens_per_s": bare, "before": bare_before, "after": bare_after}
     for workers in cfg.worker_counts:
