@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -23,7 +24,13 @@ COMMANDS: dict[str, tuple[str, type]] = {
     "train-tokenizer": ("train a byte-level BPE tokenizer on a corpus", C.TrainTokenizerConfig),
     "train-lm": ("train a causal LM with Ray Train", C.TrainLMConfig),
     "eval-ppl": ("sliding-window perplexity of a causal LM on a corpus split", C.EvalPPLConfig),
+    "extract": ("CD-LM: token probabilities and hidden states of a corpus split, on Ray Data", C.ExtractConfig),
+    "build-datastore": ("CD-LM: mine chunks and write the sharded datastore", C.BuildDatastoreConfig),
+    "cdlm-generate": ("CD-LM: generate with the datastore (paper | verify | baseline)", C.CDLMGenerateConfig),
+    "cdlm-ppl": ("CD-LM: perplexity by the chunk/token dynamic program beside the base LM's", C.CDLMPerplexityConfig),
 }
+# commands whose pipeline returns a JSON-able dict, printed as it is
+JSON_PIPELINES = {"preprocess": "preprocess", "train-tokenizer": "train_tokenizer", "eval-ppl": "eval_ppl", "extract": "extract", "build-datastore": "build_datastore", "cdlm-generate": "cdlm_generate", "cdlm-ppl": "cdlm_ppl"}
 BENCHMARKS: dict[str, tuple[str, type]] = {
     "train": ("Ray Train tokens/s against a bare torch loop", C.BenchTrainConfig),
 }
@@ -84,23 +91,14 @@ def dispatch(command: str, cfg) -> int:
         from distilray.pipelines import quickstart
 
         print(quickstart.format_summary(quickstart.run(cfg)))
-    elif command == "preprocess":
-        from distilray.pipelines import preprocess
-
-        _print_json(preprocess.run(cfg))
-    elif command == "train-tokenizer":
-        from distilray.pipelines import train_tokenizer
-
-        _print_json(train_tokenizer.run(cfg))
+    elif command in JSON_PIPELINES:
+        module = importlib.import_module(f"distilray.pipelines.{JSON_PIPELINES[command]}")
+        _print_json(module.run(cfg))
     elif command == "train-lm":
         from distilray.pipelines import train_lm
 
         result = train_lm.run(cfg)
         _print_json({k: v for k, v in result.items() if k != "config"})
-    elif command == "eval-ppl":
-        from distilray.pipelines import eval_ppl
-
-        _print_json(eval_ppl.run(cfg))
     elif command == "bench:train":
         from distilray.pipelines import bench_train
 

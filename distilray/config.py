@@ -125,11 +125,82 @@ class BenchTrainConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class ExtractConfig:
+    """CD-LM step 2: token probabilities (datastore model) and hidden states (generation model)."""
+
+    model: str = ""  # generation model: its hidden states become the keys (required)
+    datastore_model: str = ""  # model whose probabilities mine the chunks; empty: `model` (KCD: a larger LM)
+    tokenizer: str = ""  # empty: the generation model's folder
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    split: str = "train"
+    window: int = 512
+    stride: int = 448
+    min_length: int = 64  # passages shorter than this (in tokens) are dropped
+    windows_per_shard: int = 64
+    batch_size: int = 8
+    num_actors: int = 1
+    cpus_per_actor: int = 0  # 0: the machine's CPUs divided by num_actors (local), 1 on a cluster
+    use_gpu: str = "auto"
+    save_hidden: bool = True
+    max_windows: int = 0  # 0: all
+    output_dir: str = "artifacts/extract"
+
+
+@dataclass(frozen=True)
+class BuildDatastoreConfig:
+    """CD-LM steps 3-4: mine chunks from an extraction and write the sharded key/chunk datastore."""
+
+    extract_dir: str = "artifacts/extract/train"  # a finished `distilray extract` split folder
+    tok_prob_threshold: float = 0.3  # gamma: a token is confident when p > gamma (strict)
+    num_shards: int = 2
+    max_keys_per_chunk: int = 0  # 0: keep every occurrence's key
+    output_dir: str = "artifacts/datastore"
+
+
+@dataclass(frozen=True)
+class CDLMGenerateConfig:
+    """CD-LM step 5: generation with the datastore (the seed's eval.py), one JSON per prompt."""
+
+    model: str = ""  # generation model (required)
+    datastore: str = "artifacts/datastore"
+    prompt_file: str = ""  # JSON list of strings; empty: prompts cut from the corpus test split
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    num_prompts: int = 20
+    prompt_tokens: int = 32
+    mode: str = "paper"  # paper (append chunks unverified) | verify (lossless) | baseline
+    gen_baseline_only: bool = False  # the seed's flag: same as mode=baseline
+    similarity_threshold: float = 0.5
+    max_new_tokens: int = 50
+    temperature: float = 0.0
+    save_dir: str = "artifacts/cdlm_generations"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CDLMPerplexityConfig:
+    """CD-LM perplexity (dynamic program over chunk/token switches) beside the base LM's."""
+
+    model: str = ""
+    datastore: str = "artifacts/datastore"
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    split: str = "test"
+    seq_len: int = 512
+    num_sequences: int = 50
+    q_func: str = "map05_09"  # identity | map{A}_{B} | map{A}_{B}_0
+    q_func_max_prob: float = 1.0
+    output: str = ""
+
+
 COMMAND_CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
     "train-tokenizer": TrainTokenizerConfig,
     "train-lm": TrainLMConfig,
     "eval-ppl": EvalPPLConfig,
+    "extract": ExtractConfig,
+    "build-datastore": BuildDatastoreConfig,
+    "cdlm-generate": CDLMGenerateConfig,
+    "cdlm-ppl": CDLMPerplexityConfig,
     "quickstart": QuickstartConfig,
     "bench-train": BenchTrainConfig,
 }

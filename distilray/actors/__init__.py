@@ -1,0 +1,1 @@
+"""Ray actors: extraction workers, datastore shards and their router."""
