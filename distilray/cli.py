@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, type]] = {
 JSON_PIPELINES = {"preprocess": "preprocess", "train-tokenizer": "train_tokenizer", "eval-ppl": "eval_ppl", "extract": "extract", "build-datastore": "build_datastore", "cdlm-generate": "cdlm_generate", "cdlm-ppl": "cdlm_ppl"}
 BENCHMARKS: dict[str, tuple[str, type]] = {
     "train": ("Ray Train tokens/s against a bare torch loop", C.BenchTrainConfig),
+    "cdlm": ("CD-LM: SCD, KCD, verify, extraction and datastore figures", C.BenchCDLMConfig),
 }
 FLAG_ALIASES = {"json": "json_out"}
 
@@ -99,11 +100,10 @@ def dispatch(command: str, cfg) -> int:
 
         result = train_lm.run(cfg)
         _print_json({k: v for k, v in result.items() if k != "config"})
-    elif command == "bench:train":
-        from distilray.pipelines import bench_train
-
-        results = bench_train.run(cfg)
-        print(bench_train.format_table(results))
+    elif command.startswith("bench:"):
+        module = importlib.import_module(f"distilray.pipelines.bench_{command.split(':')[1]}")
+        results = module.run(cfg)
+        print(module.format_table(results))
         if cfg.json_out:
             print(f"wrote {cfg.json_out}")
     else:  # pragma: no cover - argparse restricts the choices

@@ -192,6 +192,34 @@ class CDLMPerplexityConfig:
     output: str = ""
 
 
+@dataclass(frozen=True)
+class BenchCDLMConfig:
+    """`distilray bench cdlm`: SCD, KCD, verify, extraction and datastore figures in one run."""
+
+    artifacts_dir: str = "artifacts"
+    eval_data: str = ""  # text for the SCD/verify prompts; empty: the built-in corpus's test split
+    prompts: int = 20
+    prompt_tokens: int = 32
+    max_new_tokens: int = 64
+    scd_samples: int = 5  # sampled answers per prompt that make the SCD datastore (the paper: 5)
+    scd_temperature: float = 0.3
+    tok_prob_threshold: float = 0.3
+    similarity_threshold: float = 0.9
+    kcd_domains: tuple[str, ...] = ("dockerfile", "medquad")
+    kcd_finetune_steps: int = 150
+    kcd_window: int = 256
+    kcd_stride: int = 224
+    kcd_max_windows: int = 300
+    kcd_sequences: int = 30
+    q_funcs: tuple[str, ...] = ("map05_09", "map08_05", "map09_03", "map095_02", "map098_01")
+    extract_windows: int = 200
+    datastore_keys: int = 1_000_000
+    datastore_dim: int = 256
+    datastore_queries: int = 2000
+    json_out: str = ""
+    seed: int = 0
+
+
 COMMAND_CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
     "train-tokenizer": TrainTokenizerConfig,
@@ -203,6 +231,7 @@ COMMAND_CONFIGS: dict[str, type] = {
     "cdlm-ppl": CDLMPerplexityConfig,
     "quickstart": QuickstartConfig,
     "bench-train": BenchTrainConfig,
+    "bench-cdlm": BenchCDLMConfig,
 }
 
 

@@ -201,4 +201,8 @@ def test_serve_config() -> None:
     assert isinstance(serve, dict)
     assert serve["http_options"] == {"host": "127.0.0.1", "port": 8000}
     assert serve["proxy_location"] == "EveryNode"
-    assert serve["applications"] == []
+    apps = {a["name"]: a for a in serve["applications"]}
+    assert apps["cdlm"]["import_path"] == "distilray.serve_apps.retrieval:app"
+    from distilray.serve_apps.retrieval import RetrievalAppArgs
+
+    RetrievalAppArgs(**apps["cdlm"]["args"])  # every arg is one the app accepts

@@ -11,20 +11,11 @@ import numpy as np
 
 from distilray.actors.extraction import shard_paths
 from distilray.cdlm.datastore_files import write_datastore
-from distilray.cdlm.mining import mine_window
-from distilray.cdlm.trie import ChunkTrie
+from distilray.cdlm.build import mine_rows, trie_rows
 from distilray.config import BuildDatastoreConfig
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json, read_json
 from distilray.pipelines.extract import read_extraction
-
-
-def mine(rows: list[dict], threshold: float) -> ChunkTrie:
-    trie = ChunkTrie()
-    for row in rows:
-        probs = np.nan_to_num(row["probs"], nan=0.0)  # position 0 has no context: never confident
-        trie.insert_many(mine_window(row["token_ids"], probs, threshold, int(row["skip"]), int(row["window_id"])))
-    return trie
 
 
 def gather_keys(extract_dir: Path, positions: np.ndarray) -> np.ndarray:
@@ -58,23 +49,12 @@ def run(cfg: BuildDatastoreConfig) -> dict:
     plan, rows = read_extraction(extract_dir)
     if not plan["save_hidden"]:
         raise DistilrayError(f"{extract_dir} was extracted with save_hidden=false: no keys to build a datastore from")
-    trie = mine(rows, cfg.tok_prob_threshold)
+    trie = mine_rows(rows, cfg.tok_prob_threshold)
     if trie.num_chunks() == 0:
         raise DistilrayError(f"no chunk above tok_prob_threshold={cfg.tok_prob_threshold}: lower it or use a stronger datastore model")
 
-    chunk_ids: dict[tuple[int, ...], int] = {}
-    entries, key_chunk, positions = [], [], []
-    for entry in trie.entry_tokens():
-        chunk_index, chunks, pos = trie.flatten(entry, cfg.max_keys_per_chunk or None)
-        ids = [chunk_ids.setdefault(c, len(chunk_ids)) for c in chunks]
-        entries.append(np.full(len(pos), entry, dtype=np.int64))
-        key_chunk.append(np.asarray(ids, dtype=np.int64)[chunk_index])
-        positions.append(pos)
-    positions_arr = np.concatenate(positions)
-    keys = gather_keys(extract_dir, positions_arr)
-    table = [None] * len(chunk_ids)
-    for chunk, i in chunk_ids.items():
-        table[i] = chunk
+    entries, key_chunk, positions, table = trie_rows(trie, cfg.max_keys_per_chunk or None)
+    keys = gather_keys(extract_dir, positions)
     provenance = {
         "model_ds": plan["datastore_model"] or plan["model"],
         "model_gen": plan["model"],
@@ -88,9 +68,9 @@ def run(cfg: BuildDatastoreConfig) -> dict:
     }
     manifest = write_datastore(
         cfg.output_dir,
-        entry_tokens=np.concatenate(entries),
+        entry_tokens=entries,
         keys=keys,
-        chunk_ids=np.concatenate(key_chunk),
+        chunk_ids=key_chunk,
         chunks=table,
         num_shards=cfg.num_shards,
         tokenizer_fingerprint=plan["tokenizer_fingerprint"],

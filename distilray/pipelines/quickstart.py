@@ -19,8 +19,9 @@ from distilray.pipelines.ray_runtime import ensure_ray
 from distilray.tokenizer import load_tokenizer
 
 
-def _train(cfg: QuickstartConfig, preset: str, steps: int, tokenizer_dir: Path) -> dict:
-    lm_cfg = TrainLMConfig(
+def lm_config(cfg: QuickstartConfig, preset: str, steps: int, tokenizer_dir: Path) -> TrainLMConfig:
+    """The quickstart's training config for one model (benchmarks reuse it, and so its cache)."""
+    return TrainLMConfig(
         corpus=cfg.corpus,
         model=preset,
         tokenizer=str(tokenizer_dir),
@@ -33,7 +34,12 @@ def _train(cfg: QuickstartConfig, preset: str, steps: int, tokenizer_dir: Path) 
         artifacts_dir=cfg.artifacts_dir,
         seed=cfg.seed,
     )
-    return train_lm.run(lm_cfg)
+
+
+def trained_target(cfg: QuickstartConfig) -> tuple[Path, dict]:
+    """Tokenizer folder and the quickstart's target model (trained once, then cached)."""
+    tok_dir = train_tokenizer.get_or_train(cfg.corpus, cfg.vocab_size, cfg.artifacts_dir)
+    return tok_dir, train_lm.run(lm_config(cfg, cfg.target_model, cfg.target_steps, tok_dir))
 
 
 def run(cfg: QuickstartConfig) -> dict:
@@ -52,7 +58,7 @@ def run(cfg: QuickstartConfig) -> dict:
     models: dict[str, dict] = {}
     for role, preset, steps in (("target", cfg.target_model, cfg.target_steps), ("drafter", cfg.drafter_model, cfg.drafter_steps)):
         t0 = time.perf_counter()
-        res = _train(cfg, preset, steps, tok_dir)
+        res = train_lm.run(lm_config(cfg, preset, steps, tok_dir))
         test = eval_ppl.run(EvalPPLConfig(model=res["model_dir"], corpus=cfg.corpus, split="test", context_len=cfg.seq_len, max_tokens=50_000))
         model = load_causal_lm(res["model_dir"])
         sample = generate_text(model, tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)

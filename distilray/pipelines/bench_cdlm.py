@@ -1,0 +1,194 @@
+"""`distilray bench cdlm`: CD-LM figures measured side by side in one run.
+
+- scd: the generator's datastore from its own sampled answers to the prompts, then greedy
+  generation for the same prompts: baseline vs `paper` mode (FPS, TTS, ROUGE-L vs baseline);
+- verify: the same datastore in lossless `verify` mode (identical to baseline?, FPS);
+- kcd.<domain>: a domain-tuned datastore model mines chunks from the domain's train split, keyed by
+  the generator's hidden states; CD-LM perplexity on the domain test split beside the generator's
+  own, with g_phi chosen on the validation split;
+- extract: Ray Data extraction tokens/s over a bare single-process loop (same model, one actor);
+- datastore: single-query latency through the router over 2 shard actors (synthetic keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distilray import corpus
+from distilray.actors.datastore import DatastoreRouter
+from distilray.cdlm.build import datastore_from_sequences
+from distilray.cdlm.datastore_files import write_synthetic_datastore
+from distilray.cdlm.evaluate import perplexities, sequence_proposals
+from distilray.cdlm.extraction import score_windows
+from distilray.config import BenchCDLMConfig, BuildDatastoreConfig, CDLMPerplexityConfig, CorpusSpec, ExtractConfig, QuickstartConfig, TrainLMConfig
+from distilray.decoding.retrieval import chunk_hit_rate, fps, mean_chunk_length, retrieval_generate, tts
+from distilray.eval.rouge import rouge_l
+from distilray.io_utils import atomic_write_json
+from distilray.models.causal_lm import load_causal_lm
+from distilray.pipelines import build_datastore, extract, train_lm
+from distilray.pipelines.cdlm_ppl import test_sequences
+from distilray.pipelines.quickstart import trained_target
+from distilray.pipelines.ray_runtime import ensure_ray
+from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
+
+GOALS = {"scd.fps": 0.45, "scd.tts": 0.30, "scd.rouge_l_vs_baseline": 0.8, "kcd.ppl_reduction": 0.30, "verify.fps": 0.2, "extract.ratio_vs_bare": 0.85, "datastore.p99_ms": 5.0}
+
+
+def _prompts(cfg: BenchCDLMConfig, tokenizer) -> list[list[int]]:
+    spec = CorpusSpec(dataset=cfg.eval_data) if cfg.eval_data else CorpusSpec()
+    docs = encode_documents(tokenizer, corpus.load_splits(spec)["test"])
+    return [d[: cfg.prompt_tokens] for d in docs if len(d) > cfg.prompt_tokens + 8][: cfg.prompts]
+
+
+def bench_scd_and_verify(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> tuple[dict, dict]:
+    prompts = _prompts(cfg, tokenizer)
+    answers = []
+    for i, prompt in enumerate(prompts):  # the datastore text: the model's own sampled answers
+        for k in range(cfg.scd_samples):
+            rec = retrieval_generate(model, prompt, cfg.max_new_tokens, None, mode="baseline", temperature=cfg.scd_temperature, seed=cfg.seed + 1000 * i + k)
+            answers.append(list(prompt) + rec.token_ids)
+    manifest = datastore_from_sequences(model, answers, cfg.tok_prob_threshold, work / "scd_datastore", 2, vocab_fingerprint(tokenizer))
+    eos = tokenizer.eos_token_id
+    with DatastoreRouter.open(work / "scd_datastore", vocab_fingerprint(tokenizer)) as router:
+        run = lambda mode: [retrieval_generate(model, p, cfg.max_new_tokens, router, mode=mode, similarity_threshold=cfg.similarity_threshold, eos_token_id=eos) for p in prompts]  # noqa: E731
+        run("baseline")  # warm-up: caches, allocator, actor connections
+        base, paper, verify = run("baseline"), run("paper"), run("verify")
+    rouge = float(np.mean([rouge_l(b.token_ids, p.token_ids) for b, p in zip(base, paper)]))
+    scd = {
+        "prompts": len(prompts), "datastore_keys": int(manifest["num_keys"]), "datastore_chunks": int(manifest["num_chunks"]),
+        "similarity_threshold": cfg.similarity_threshold, "sampling_temperature": cfg.scd_temperature,
+        "fps": fps(paper), "tts": tts(base, paper), "rouge_l_vs_baseline": rouge,
+        "chunk_hit_rate": chunk_hit_rate(paper), "mean_chunk_length": mean_chunk_length(paper),
+        "seconds_per_token_baseline": sum(r.seconds for r in base) / sum(len(r.token_ids) for r in base),
+        "seconds_per_token_cdlm": sum(r.seconds for r in paper) / sum(len(r.token_ids) for r in paper),
+    }
+    same = [b.token_ids == v.token_ids for b, v in zip(base, verify)]
+    ver = {"identical_to_baseline": all(same), "identical_prompts": int(sum(same)), "prompts": len(same), "fps": fps(verify), "tts": tts(base, verify)}
+    return scd, ver
+
+
+def bench_kcd(cfg: BenchCDLMConfig, domain: str, gen_dir: str, model, tokenizer, work: Path) -> dict:
+    spec = CorpusSpec(dataset=domain)
+    tuned = train_lm.run(TrainLMConfig(corpus=spec, model=gen_dir, steps=cfg.kcd_finetune_steps, lr=3e-4, warmup_steps=10, seq_len=128, batch_size=16, checkpoint_every=cfg.kcd_finetune_steps, artifacts_dir=cfg.artifacts_dir, seed=cfg.seed))
+    ext_dir = Path(cfg.artifacts_dir) / "bench_cdlm" / f"extract-{domain}"
+    extract.run(ExtractConfig(model=gen_dir, datastore_model=tuned["model_dir"], corpus=spec, window=cfg.kcd_window, stride=cfg.kcd_stride, min_length=32, max_windows=cfg.kcd_max_windows, output_dir=str(ext_dir)))
+    ds_dir = work / f"kcd-{domain}"
+    stats = build_datastore.run(BuildDatastoreConfig(extract_dir=str(ext_dir / "train"), tok_prob_threshold=cfg.tok_prob_threshold, num_shards=2, output_dir=str(ds_dir)))
+    with DatastoreRouter.open(ds_dir, vocab_fingerprint(tokenizer)) as router:
+        def proposals(split):
+            seqs = test_sequences(CDLMPerplexityConfig(corpus=spec, split=split, seq_len=cfg.kcd_window, num_sequences=cfg.kcd_sequences), tokenizer, cfg.kcd_window)
+            return [sequence_proposals(model, s, router.query_batch) for s in seqs]
+        val, test = proposals("validation"), proposals("test")
+    by_q = {q: perplexities(val, q)["ppl_cdlm"] for q in cfg.q_funcs}
+    chosen = min(by_q, key=by_q.get)  # g_phi calibrated on held-out text, then applied to test
+    result = perplexities(test, chosen)
+    return {
+        "ppl_base": result["ppl_base"], "ppl_cdlm": result["ppl_cdlm"], "reduction": 1 - result["ppl_cdlm"] / result["ppl_base"],
+        "q_func": chosen, "validation_ppl_cdlm_by_q_func": by_q, "test_tokens": result["tokens"],
+        "exact_match_proposals": result["exact_match_proposals"], "datastore_keys": stats["keys"], "datastore_chunks": stats["chunks"],
+        "datastore_model": tuned["model_dir"], "datastore_model_steps": tuned["steps"],
+    }
+
+
+def _bare_extract(model_dir: str, windows: list[tuple[int, ...]], batch_size: int, threads: int) -> float:
+    """Seconds for model load + the same scoring passes, in this (fresh) process."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = load_causal_lm(model_dir)
+    for i in range(0, len(windows), batch_size):
+        score_windows(windows[i : i + batch_size], model)
+    return time.perf_counter() - start
+
+
+def bench_extract(cfg: BenchCDLMConfig, gen_dir: str, work: Path) -> dict:
+    import ray
+
+    ecfg = ExtractConfig(model=gen_dir, window=256, stride=224, min_length=32, max_windows=cfg.extract_windows, windows_per_shard=16, output_dir=str(work / "extract"))
+    windows, _ = extract.plan_windows(ecfg)
+    tokens = sum(len(w.tokens) for w in windows)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        bare_s = pool.apply(_bare_extract, (gen_dir, [w.tokens for w in windows], ecfg.batch_size, cpus))
+    start = time.perf_counter()
+    extract.run(ecfg)  # planning included: the bare loop's model load stands against it
+    ray_s = time.perf_counter() - start
+    return {"tokens": tokens, "windows": len(windows), "actors": 1, "bare_tokens_per_s": tokens / bare_s, "ray_tokens_per_s": tokens / ray_s, "ratio_vs_bare": bare_s / ray_s}
+
+
+def bench_datastore(cfg: BenchCDLMConfig, work: Path) -> dict:
+    folder = work / "synthetic"
+    manifest = write_synthetic_datastore(folder, cfg.datastore_keys, cfg.datastore_dim, 4096, 2, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    entries = rng.integers(0, 4096, size=cfg.datastore_queries)
+    queries = rng.standard_normal((cfg.datastore_queries, cfg.datastore_dim)).astype(np.float32)
+    with DatastoreRouter.open(folder) as router:
+        for i in range(50):
+            router.lookup(int(entries[i]), queries[i])
+        times = []
+        for e, q in zip(entries, queries):
+            t0 = time.perf_counter()
+            router.lookup(int(e), q)
+            times.append((time.perf_counter() - t0) * 1000)
+    return {"keys": int(manifest["num_keys"]), "shards": 2, "hidden_dim": cfg.datastore_dim, "synthetic_keys": True, "queries": len(times), "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+
+
+def run(cfg: BenchCDLMConfig) -> dict:
+    ensure_ray()
+    _, target = trained_target(dataclasses.replace(QuickstartConfig(), artifacts_dir=cfg.artifacts_dir))
+    gen_dir = target["model_dir"]
+    model, tokenizer = load_causal_lm(gen_dir), load_tokenizer(gen_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one-token decoding steps of a small model run faster on one thread
+    results: dict = {"generator": gen_dir, "generator_parameters": target["parameters"]}
+    with tempfile.TemporaryDirectory(prefix="distilray-bench-cdlm-") as tmp:
+        work = Path(tmp)
+        print("[bench cdlm] SCD and verify ...", flush=True)
+        results["scd"], results["verify"] = bench_scd_and_verify(cfg, model, tokenizer, work)
+        results["kcd"] = {}
+        for domain in cfg.kcd_domains:
+            print(f"[bench cdlm] KCD on {domain} ...", flush=True)
+            results["kcd"][domain] = bench_kcd(cfg, domain, gen_dir, model, tokenizer, work)
+        torch.set_num_threads(threads)
+        print("[bench cdlm] extraction vs bare loop ...", flush=True)
+        results["extract"] = bench_extract(cfg, gen_dir, work)
+        print("[bench cdlm] datastore latency ...", flush=True)
+        results["datastore"] = bench_datastore(cfg, work)
+    results["goals"] = _goals(results)
+    if cfg.json_out:
+        atomic_write_json(cfg.json_out, results)
+    return results
+
+
+def _goals(r: dict) -> dict:
+    g = {
+        "scd.fps": (r["scd"]["fps"], r["scd"]["fps"] >= GOALS["scd.fps"]),
+        "scd.tts": (r["scd"]["tts"], r["scd"]["tts"] >= GOALS["scd.tts"]),
+        "scd.rouge_l_vs_baseline": (r["scd"]["rouge_l_vs_baseline"], r["scd"]["rouge_l_vs_baseline"] >= GOALS["scd.rouge_l_vs_baseline"]),
+        "verify.identical_to_baseline": (r["verify"]["identical_to_baseline"], r["verify"]["identical_to_baseline"]),
+        "verify.fps": (r["verify"]["fps"], r["verify"]["fps"] > GOALS["verify.fps"]),
+        "extract.ratio_vs_bare": (r["extract"]["ratio_vs_bare"], r["extract"]["ratio_vs_bare"] >= GOALS["extract.ratio_vs_bare"]),
+        "datastore.p99_ms": (r["datastore"]["p99_ms"], r["datastore"]["p99_ms"] < GOALS["datastore.p99_ms"]),
+    }
+    for domain, k in r["kcd"].items():
+        g[f"kcd.{domain}.reduction"] = (k["reduction"], k["reduction"] >= GOALS["kcd.ppl_reduction"])
+    return {name: {"value": v, "met": bool(met)} for name, (v, met) in g.items()}
+
+
+def format_table(r: dict) -> str:
+    lines = [f"bench cdlm: generator {r['generator']} ({r['generator_parameters']:,} params)", f"{'figure':<34}{'value':>12}  goal"]
+    for name, g in r["goals"].items():
+        v = g["value"]
+        shown = f"{v:.3f}" if isinstance(v, float) else str(v)
+        lines.append(f"{name:<34}{shown:>12}  {'met' if g['met'] else 'NOT met'}")
+    for domain, k in r["kcd"].items():
+        lines.append(f"kcd.{domain}: ppl {k['ppl_base']:.2f} -> {k['ppl_cdlm']:.2f} ({k['q_func']})")
+    d = r["datastore"]
+    lines.append(f"datastore: {d['keys']:,} synthetic keys, 2 shard actors: p50 {d['p50_ms']:.2f} ms, p99 {d['p99_ms']:.2f} ms")
+    return "\n".join(lines)

@@ -1,0 +1,393 @@
+"""CD-LM retrieval decoding as a Ray Serve application (reference/cdlm.md 3.5; DESIGN "Who uses it").
+
+Three deployments:
+
+- `DatastoreRouterDeployment` owns a `DatastoreRouter` (one shard actor per datastore file) and
+  answers `query(entries (b,), queries (b, d))` and `stats()`.
+- `TargetDeployment` holds the generation model and its tokenizer, checks at start that the datastore
+  was built with the same tokenizer, and runs `retrieval_generate`; each decoding step's lookup is a
+  synchronous call to the router deployment (`handle.query.remote(...).result()`).
+- `CompletionsIngress` (FastAPI) serves `POST /v1/completions` in the OpenAI completions shape plus a
+  `distilray` block of decoding statistics, `GET /healthz`, `GET /v1/models` and
+  `GET /v1/datastore/stats`. Bad requests get HTTP 400 with an OpenAI-style JSON error body.
+
+Run it:
+
+    serve run distilray.serve_apps.retrieval:build_app model=PATH datastore=PATH [default_mode=verify]
+    DISTILRAY_MODEL=PATH DISTILRAY_DATASTORE=PATH serve run distilray.serve_apps.retrieval:app
+
+`app` is the builder itself (Serve calls an import path that names a one-argument function with the
+args dict, empty when none are given); missing `model`/`datastore` args fall back to the environment.
+
+No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at runtime, and
+inside a Serve ingress class postponed (string) annotations are not resolved, so a body model would be
+taken for a query parameter.
+"""
+
+import asyncio
+import math
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from distilray.actors.datastore import DatastoreRouter
+from distilray.cdlm.datastore_files import read_manifest, shard_of
+from distilray.decoding.retrieval import MODES, retrieval_generate
+from distilray.errors import DistilrayError
+
+ENV_MODEL = "DISTILRAY_MODEL"
+ENV_DATASTORE = "DISTILRAY_DATASTORE"
+LOOKUP_TIMEOUT_S = 60.0  # one datastore round trip; a shard restarting from disk fits well inside
+
+
+class RetrievalAppArgs(BaseModel):
+    """Arguments of `build_app` (`serve run ... key=value` or `args:` in serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # HF causal LM: local save_pretrained folder (with its tokenizer) or hub name
+    datastore: str  # folder holding datastore.json and the shard files
+    default_mode: str = "paper"  # paper | verify | baseline, when a request names none
+    similarity_threshold: float = 0.5  # default cosine threshold for a chunk to be used
+    max_tokens_limit: int = 512  # largest max_tokens a request may ask for
+    num_cpus: float = 1  # CPUs of the target replica (torch threads = max(1, int(num_cpus)))
+    num_gpus: float = 0  # GPUs of the target replica (bf16 on a GPU)
+
+
+def parse_args(args: dict[str, Any] | RetrievalAppArgs | None) -> RetrievalAppArgs:
+    """Validate builder args; `model`/`datastore` default to $DISTILRAY_MODEL/$DISTILRAY_DATASTORE."""
+    if isinstance(args, RetrievalAppArgs):
+        return args
+    raw = dict(args or {})
+    for key, env in (("model", ENV_MODEL), ("datastore", ENV_DATASTORE)):
+        if not raw.get(key) and os.environ.get(env):
+            raw[key] = os.environ[env]
+    try:
+        parsed = RetrievalAppArgs.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'args'}: "
+            + ("unknown argument" if e["type"] == "extra_forbidden" else
+               f"required (pass {e['loc'][0]}=PATH or set ${ENV_MODEL if e['loc'][0] == 'model' else ENV_DATASTORE})"
+               if e["type"] == "missing" else e["msg"])
+            for e in exc.errors()
+        )
+        raise DistilrayError(f"bad retrieval app arguments: {problems}") from None
+    if parsed.default_mode not in MODES:
+        raise DistilrayError(f"default_mode must be one of {', '.join(MODES)}, got {parsed.default_mode!r}")
+    if not -1.0 <= parsed.similarity_threshold <= 1.0:
+        raise DistilrayError(f"similarity_threshold must lie in [-1, 1], got {parsed.similarity_threshold}")
+    if parsed.max_tokens_limit < 1:
+        raise DistilrayError(f"max_tokens_limit must be >= 1, got {parsed.max_tokens_limit}")
+    if parsed.num_cpus < 0 or parsed.num_gpus < 0:
+        raise DistilrayError("num_cpus and num_gpus must be >= 0")
+    return parsed
+
+
+def check_datastore_tokenizer(datastore: str, tokenizer) -> str:
+    """The model's tokenizer fingerprint, after checking the datastore was built with the same one."""
+    from distilray.tokenizer import vocab_fingerprint
+
+    manifest = read_manifest(datastore)
+    mine, built_with = vocab_fingerprint(tokenizer), str(manifest["tokenizer_fingerprint"])
+    if mine != built_with:
+        raise DistilrayError(
+            f"datastore {datastore} was built with another tokenizer (fingerprint {built_with!r}) than "
+            f"the model's (fingerprint {mine!r}): rebuild it with this model, or serve the model it was built for"
+        )
+    return mine
+
+
+# -- deployments -----------------------------------------------------------------------------------
+
+
+# No access log: this deployment is called once per decoding step, a log line per token would flood.
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
+                  logging_config={"enable_access_log": False})
+class DatastoreRouterDeployment:
+    """The sharded datastore behind one handle: a DatastoreRouter over one actor per shard file."""
+
+    def __init__(self, datastore: str, tokenizer_fingerprint: str | None = None) -> None:
+        self._router = DatastoreRouter.open(datastore, tokenizer_fingerprint)
+        self._shards = self._router.handles()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="datastore-stats")  # blocking stats()
+        self._calls = self._queries = 0
+        self._seconds = 0.0
+
+    async def query(self, entries: np.ndarray, queries: np.ndarray) -> list:
+        """entries (b,) ints, queries (b, d) floats -> per query (chunk token ids | None, cosine).
+
+        The same routing as DatastoreRouter.query_batch, awaited on the replica's event loop instead of
+        a blocking ray.get in a thread: one hop fewer on the per-step path.
+        """
+        start = time.perf_counter()
+        entries = np.asarray(entries).reshape(-1)
+        queries = np.asarray(queries, dtype=np.float32)
+        b, router = entries.shape[0], self._router
+        if queries.shape != (b, router.hidden_dim):
+            raise DistilrayError(f"queries must be ({b}, {router.hidden_dim}) for {b} entries, got {queries.shape}")
+        if b == 0:
+            return []
+        if not np.issubdtype(entries.dtype, np.integer) or entries.min() < 0:
+            raise DistilrayError("entry tokens must be non-negative integers")
+        owner = shard_of(entries, router.num_shards)
+        if b == 1:  # the decoding loop's case: one shard, no scatter
+            out = await self._shards[int(owner[0])].query.remote(entries, queries)
+        else:
+            parts = [(idx, self._shards[s].query.remote(entries[idx], queries[idx]))
+                     for s in np.unique(owner).tolist() for idx in [np.flatnonzero(owner == s)]]
+            answers = await asyncio.gather(*(ref for _, ref in parts))
+            out = [(None, float("-inf"))] * b
+            for (idx, _), answer in zip(parts, answers):
+                for i, result in zip(idx.tolist(), answer):
+                    out[i] = result
+        self._calls += 1  # the event loop is single-threaded: no lock needed
+        self._queries += b
+        self._seconds += time.perf_counter() - start
+        return out
+
+    async def stats(self) -> dict[str, Any]:
+        """DatastoreRouter.stats() (manifest figures, per-shard counters) plus this replica's counters."""
+        out = await asyncio.get_running_loop().run_in_executor(self._pool, self._router.stats)
+        out["router"] = {"calls": self._calls, "queries": self._queries,
+                         "mean_call_ms": 1000 * self._seconds / self._calls if self._calls else None}
+        out["manifest"] = {k: v for k, v in self._router.manifest.items() if k not in ("shards", "keys_per_shard")}
+        return out
+
+    def __del__(self) -> None:
+        router = getattr(self, "_router", None)
+        if router is not None:
+            router.close()
+
+
+@serve.deployment(max_ongoing_requests=8)
+class TargetDeployment:
+    """The generation model: tokenises, runs retrieval decoding one request at a time, decodes."""
+
+    def __init__(self, model: str, datastore: str, router: DeploymentHandle, num_threads: int = 1) -> None:
+        import torch
+
+        from distilray.models.causal_lm import load_causal_lm, max_context
+        from distilray.tokenizer import load_tokenizer
+
+        torch.set_num_threads(max(1, int(num_threads)))
+        self._tokenizer = load_tokenizer(model)
+        self._fingerprint = check_datastore_tokenizer(datastore, self._tokenizer)  # fail before loading weights
+        self._model = load_causal_lm(model)
+        self._context = max_context(self._model)
+        self._router = router
+        self._name = model
+        # one generation at a time per replica: torch already uses the replica's CPUs; lookups block
+        # on .result(), which must not run on the event loop
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    async def info(self) -> dict[str, Any]:
+        return {"model": self._name, "context": self._context, "tokenizer_fingerprint": self._fingerprint,
+                "device": str(next(self._model.parameters()).device)}
+
+    def _generate(self, prompt: str, max_tokens: int, mode: str, threshold: float,
+                  temperature: float, seed: int) -> dict[str, Any]:
+        prompt_ids = list(self._tokenizer(prompt)["input_ids"])
+        if not prompt_ids:
+            raise DistilrayError("the prompt is empty after tokenisation")
+        if len(prompt_ids) + max_tokens > self._context:
+            raise DistilrayError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                                 f"the model's context of {self._context} tokens")
+        lookups, lookup_seconds = 0, 0.0
+
+        def lookup(entry: int, hidden: np.ndarray):
+            nonlocal lookups, lookup_seconds
+            start = time.perf_counter()
+            chunk, similarity = self._router.query.remote(
+                np.array([entry], dtype=np.int64), hidden.reshape(1, -1)).result(timeout_s=LOOKUP_TIMEOUT_S)[0]
+            lookups += 1
+            lookup_seconds += time.perf_counter() - start
+            return None if chunk is None else (tuple(chunk), float(similarity))
+
+        eos = self._tokenizer.eos_token_id
+        record = retrieval_generate(self._model, prompt_ids, max_tokens, lookup, mode=mode,
+                                    similarity_threshold=threshold, temperature=temperature, seed=seed,
+                                    eos_token_id=eos)
+        stopped = eos is not None and bool(record.token_ids) and record.token_ids[-1] == eos
+        return {
+            "text": self._tokenizer.decode(record.token_ids, skip_special_tokens=True),
+            "finish_reason": "stop" if stopped else "length",
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(record.token_ids),
+            "stats": {"mode": record.mode, "chunks_used": record.chunks_used,
+                      "forward_passes": record.forward_passes, "tokens_from_chunks": sum(record.from_chunk),
+                      "steps": record.steps, "lookups": lookups, "lookup_seconds": lookup_seconds,
+                      "seconds": record.seconds},
+        }
+
+    async def generate(self, prompt: str, max_tokens: int, mode: str, similarity_threshold: float,
+                       temperature: float, seed: int) -> dict[str, Any]:
+        """One completion; expected failures come back as {"error": message} (the ingress answers 400)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self._generate, prompt, max_tokens, mode,
+                                              similarity_threshold, temperature, seed)
+        except DistilrayError as exc:
+            return {"error": str(exc)}
+
+
+# -- HTTP ingress ----------------------------------------------------------------------------------
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI completions request; `mode` and `similarity_threshold` are distilray's own fields."""
+
+    model: str | None = None  # accepted and ignored: this application serves one model
+    prompt: str
+    max_tokens: int = 50
+    temperature: float = 0.0
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    mode: str | None = None
+    similarity_threshold: float | None = None
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   kind: str = "invalid_request_error") -> JSONResponse:
+    """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('msg')}", None
+    field = ".".join(loc) or None
+    return (f"{field}: {first.get('msg')}" if field else str(first.get("msg"))), field
+
+
+api = FastAPI(title="distilray CD-LM retrieval", description="OpenAI-style completions with chunk retrieval")
+
+
+@api.exception_handler(RequestValidationError)
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = _validation_message(exc)
+    return error_response(400, message, param)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return error_response(exc.status_code, str(exc.detail), kind=kind)
+
+
+def check_request(req: CompletionRequest, defaults: RetrievalAppArgs) -> tuple[str, float] | JSONResponse:
+    """(mode, threshold) for a valid request, else the 400 response naming the bad field."""
+    mode = req.mode if req.mode is not None else defaults.default_mode
+    threshold = req.similarity_threshold if req.similarity_threshold is not None else defaults.similarity_threshold
+    if not req.prompt:
+        return error_response(400, "prompt must be a non-empty string", "prompt")
+    if req.max_tokens < 0:
+        return error_response(400, f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
+    if req.max_tokens > defaults.max_tokens_limit:
+        return error_response(400, f"max_tokens must be <= {defaults.max_tokens_limit} on this server, "
+                                   f"got {req.max_tokens}", "max_tokens")
+    if mode not in MODES:
+        return error_response(400, f"unknown mode {mode!r}; modes: {', '.join(MODES)}", "mode")
+    if not -1.0 <= threshold <= 1.0:  # also rejects NaN
+        return error_response(400, f"similarity_threshold must lie in [-1, 1], got {threshold}",
+                              "similarity_threshold")
+    if not (math.isfinite(req.temperature) and req.temperature >= 0):
+        return error_response(400, f"temperature must be a finite number >= 0, got {req.temperature}", "temperature")
+    if req.seed is not None and not -(2**63) <= req.seed < 2**64:
+        return error_response(400, f"seed must fit in 64 bits, got {req.seed}", "seed")
+    if req.n != 1:
+        return error_response(400, "only n=1 is supported", "n")
+    if req.stream:
+        return error_response(400, "streaming is not supported", "stream")
+    return mode, float(threshold)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.ingress(api)
+class CompletionsIngress:
+    """HTTP front: validates requests, calls the target, shapes OpenAI-style responses."""
+
+    def __init__(self, target: DeploymentHandle, router: DeploymentHandle, args: dict[str, Any]) -> None:
+        self._target = target
+        self._router = router
+        self._args = RetrievalAppArgs.model_validate(args)
+
+    @api.post("/v1/completions")
+    async def completions(self, req: CompletionRequest) -> Any:
+        checked = check_request(req, self._args)
+        if isinstance(checked, JSONResponse):
+            return checked
+        mode, threshold = checked
+        try:
+            out = await self._target.generate.remote(req.prompt, req.max_tokens, mode, threshold,
+                                                     float(req.temperature), int(req.seed or 0))
+        except Exception as exc:  # replica crash, timeout: this request fails, the service goes on
+            return error_response(500, f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                                  kind="server_error")
+        if "error" in out:
+            return error_response(400, out["error"])
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model or self._args.model,
+            "choices": [{"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]}],
+            "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                      "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
+            "distilray": out["stats"],
+        }
+
+    @api.get("/healthz")
+    async def healthz(self) -> Any:
+        try:
+            info = await self._target.info.remote()
+        except Exception as exc:
+            return error_response(503, f"target not ready: {type(exc).__name__}", kind="server_error")
+        return {"status": "ok", **info, "datastore": self._args.datastore}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self._args.model, "object": "model", "owned_by": "distilray"}]}
+
+    @api.get("/v1/datastore/stats")
+    async def datastore_stats(self) -> Any:
+        try:
+            return await self._router.stats.remote()
+        except Exception as exc:
+            return error_response(503, f"datastore unavailable: {type(exc).__name__}", kind="server_error")
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve application builder: checks the tokenizer match up front, then binds the three deployments."""
+    from distilray.tokenizer import load_tokenizer
+
+    parsed = parse_args(args)
+    fingerprint = check_datastore_tokenizer(parsed.datastore, load_tokenizer(parsed.model))
+    router = DatastoreRouterDeployment.bind(parsed.datastore, fingerprint)
+    target = TargetDeployment.options(
+        ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus}
+    ).bind(parsed.model, parsed.datastore, router, max(1, int(parsed.num_cpus)))
+    return CompletionsIngress.bind(target, router, parsed.model_dump())
+
+
+# `serve run distilray.serve_apps.retrieval:app` calls this with the CLI's key=value args (or none, then
+# the environment supplies model and datastore).
+app = build_app

@@ -1,0 +1,255 @@
+"""The CD-LM retrieval endpoint on Ray Serve: real HTTP against 127.0.0.1, tiny GPT-2, tiny datastore."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from distilray.cdlm.datastore_files import write_datastore
+from distilray.decoding.retrieval import retrieval_generate
+from distilray.errors import DistilrayError
+from distilray.serve_apps.retrieval import (
+    ENV_DATASTORE,
+    ENV_MODEL,
+    app,
+    build_app,
+    check_datastore_tokenizer,
+    parse_args,
+)
+from distilray.tokenizer import vocab_fingerprint
+
+pytestmark = pytest.mark.ray
+
+APP_NAME = "retrieval-test"
+PROMPT = "The for statement is used to iterate over the elements of a sequence"
+CONTEXT = 128  # model context, small so "prompt + max_tokens over the context" is cheap to hit
+MAX_TOKENS_LIMIT = 120
+CHUNK_LEN = 4
+GEN = 24  # tokens of the greedy continuation the datastore is built from
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(small_tokenizer, tmp_path_factory):
+    """A saved tiny GPT-2 + tokenizer, a datastore built from its own greedy continuation of PROMPT
+    (keys = its hidden states, so lookups on that path hit with cosine ~1), and one with a foreign
+    tokenizer fingerprint."""
+    from distilray.models.causal_lm import build_causal_lm
+
+    tok, _ = small_tokenizer
+    root = tmp_path_factory.mktemp("serve-cdlm")
+    torch.manual_seed(0)
+    model = build_causal_lm("tiny", tok, n_positions=CONTEXT).eval()
+    with torch.no_grad():  # larger weights: varied greedy text and top-2 gaps far above float rounding
+        for param in model.parameters():
+            param.mul_(5.0)
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    prompt_ids = tok(PROMPT)["input_ids"]
+    cont = retrieval_generate(model, prompt_ids, GEN, None, mode="baseline").token_ids
+    seq = prompt_ids + cont
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][0].numpy()
+    positions = list(range(len(prompt_ids) - 1, len(seq) - 1))
+    chunks = [tuple(seq[i + 1 : i + 1 + CHUNK_LEN]) for i in positions]
+    entry = np.array([seq[i] for i in positions])
+    keys = hidden[positions]
+    # a few decoys: other entry tokens with random keys and random chunks
+    rng = np.random.default_rng(0)
+    decoy_entry = rng.integers(0, len(tok), size=8)
+    decoy_keys = rng.standard_normal((8, keys.shape[1])).astype(np.float32)
+    decoy_chunks = [tuple(int(t) for t in rng.integers(10, len(tok), size=3)) for _ in range(8)]
+    all_chunks = chunks + decoy_chunks
+    common = dict(entry_tokens=np.concatenate([entry, decoy_entry]), keys=np.concatenate([keys, decoy_keys]),
+                  chunk_ids=np.arange(len(all_chunks)), chunks=all_chunks, num_shards=2)
+    store = root / "store"
+    write_datastore(store, tokenizer_fingerprint=vocab_fingerprint(tok), **common)
+    foreign = root / "foreign"
+    write_datastore(foreign, tokenizer_fingerprint="0123456789abcdef", **common)
+    return {"model": str(model_dir), "store": str(store), "foreign": str(foreign), "tok": tok,
+            "num_keys": len(all_chunks), "baseline": cont}
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, artifacts):
+    """The app under route /cdlm on a free loopback port; deleted (and Serve stopped if we started it) after."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    already_running = _get_global_client(raise_if_no_controller_running=False) is not None
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    port = _get_global_client().http_config.port  # an already running Serve keeps its own port
+    serve.run(build_app({"model": artifacts["model"], "datastore": artifacts["store"],
+                         "max_tokens_limit": MAX_TOKENS_LIMIT, "num_cpus": 1}),
+              name=APP_NAME, route_prefix="/cdlm", blocking=False)
+    yield f"http://127.0.0.1:{port}/cdlm"
+    serve.delete(APP_NAME)
+    if not already_running:
+        serve.shutdown()
+    assert ray_session.is_initialized() and ray_session.get(ray_session.put(7)) == 7  # session Ray lives on
+
+
+def _complete(base: str, **body) -> requests.Response:
+    return requests.post(f"{base}/v1/completions", json=body, timeout=60)
+
+
+def _ok(base: str, **body) -> dict:
+    r = _complete(base, **body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_completion_has_openai_shape_and_stats(server, artifacts):
+    out = _ok(server, model="ignored", prompt=PROMPT, max_tokens=12)
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+    assert isinstance(out["created"], int) and out["model"] == "ignored"
+    (choice,) = out["choices"]
+    assert choice["index"] == 0 and isinstance(choice["text"], str)
+    usage = out["usage"]
+    assert usage["prompt_tokens"] == len(artifacts["tok"](PROMPT)["input_ids"])
+    n = usage["completion_tokens"]
+    assert (n == 12 and choice["finish_reason"] == "length") or (n < 12 and choice["finish_reason"] == "stop")
+    assert usage["total_tokens"] == usage["prompt_tokens"] + n
+    stats = out["distilray"]
+    assert stats["mode"] == "paper"  # the app's default_mode
+    for key in ("chunks_used", "forward_passes", "tokens_from_chunks", "seconds"):
+        assert key in stats
+    assert 1 <= stats["forward_passes"] <= n and stats["seconds"] > 0
+    assert stats["lookups"] == stats["steps"] >= 1  # every paper-mode step asked the router deployment
+    # the default threshold 0.5 is reached on the path the datastore was built from
+    assert stats["chunks_used"] > 0 and stats["tokens_from_chunks"] > 0
+
+
+def test_verify_equals_baseline_and_saves_passes(server, artifacts):
+    base = _ok(server, prompt=PROMPT, max_tokens=GEN, mode="baseline")
+    ver = _ok(server, prompt=PROMPT, max_tokens=GEN, mode="verify", temperature=0)
+    want = artifacts["tok"].decode(artifacts["baseline"], skip_special_tokens=True)
+    assert base["choices"][0]["text"] == want  # served model == the in-process one
+    assert ver["choices"][0]["text"] == base["choices"][0]["text"]
+    assert ver["usage"] == base["usage"]
+    assert base["distilray"]["mode"] == "baseline" and base["distilray"]["lookups"] == 0
+    assert base["distilray"]["chunks_used"] == 0
+    # the chunks are the model's own continuation: verify accepts them and needs fewer passes
+    assert ver["distilray"]["chunks_used"] > 0
+    assert ver["distilray"]["forward_passes"] < base["distilray"]["forward_passes"]
+    seconds = ver["distilray"]["lookup_seconds"] / ver["distilray"]["lookups"]
+    print(f"\nrouter round trip per step: {1000 * seconds:.2f} ms over {ver['distilray']['lookups']} lookups")
+
+
+def test_paper_mode_threshold_minus_one_uses_chunks(server):
+    other = "Exceptions can be raised by the raise statement"  # a prompt the datastore was not built from
+    out = _ok(server, prompt=other, max_tokens=16, mode="paper", similarity_threshold=-1, seed=3)
+    stats = out["distilray"]
+    assert stats["chunks_used"] > 0 and stats["tokens_from_chunks"] > 0
+    assert stats["forward_passes"] < out["usage"]["completion_tokens"]
+    # same request, same answer
+    again = _ok(server, prompt=other, max_tokens=16, mode="paper", similarity_threshold=-1, seed=3)
+    assert again["choices"] == out["choices"]
+
+
+def test_sampling_is_seeded(server):
+    a = _ok(server, prompt=PROMPT, max_tokens=10, mode="verify", temperature=1.0, seed=5)
+    b = _ok(server, prompt=PROMPT, max_tokens=10, mode="verify", temperature=1.0, seed=5)
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def _assert_error(r: requests.Response, param: str | None = None) -> None:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert err["type"] == "invalid_request_error" and isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_bad_requests_get_4xx_json_and_service_keeps_serving(server):
+    url = f"{server}/v1/completions"
+    r = requests.post(url, data="{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    _assert_error(r)
+    assert "JSON" in r.json()["error"]["message"]
+    _assert_error(requests.post(url, json={"max_tokens": 5}, timeout=30), "prompt")  # no prompt
+    _assert_error(_complete(server, prompt=123), "prompt")
+    _assert_error(_complete(server, prompt=PROMPT, max_tokens="many"), "max_tokens")
+    _assert_error(_complete(server, prompt=PROMPT, max_tokens=-1), "max_tokens")
+    r = _complete(server, prompt=PROMPT, max_tokens=MAX_TOKENS_LIMIT + 1)
+    _assert_error(r, "max_tokens")
+    assert str(MAX_TOKENS_LIMIT) in r.json()["error"]["message"]
+    _assert_error(_complete(server, prompt=PROMPT, similarity_threshold=1.5), "similarity_threshold")
+    _assert_error(_complete(server, prompt=PROMPT, similarity_threshold=-1.01), "similarity_threshold")
+    r = _complete(server, prompt=PROMPT, mode="beam")
+    _assert_error(r, "mode")
+    assert "beam" in r.json()["error"]["message"]
+    _assert_error(_complete(server, prompt=""), "prompt")
+    _assert_error(_complete(server, prompt=PROMPT, temperature=-0.5), "temperature")
+    _assert_error(_complete(server, prompt=PROMPT, n=2), "n")
+    _assert_error(_complete(server, prompt=PROMPT, seed=2**70), "seed")
+    # within max_tokens_limit but over the model's context once the prompt is counted (checked by the target)
+    r = _complete(server, prompt=PROMPT, max_tokens=MAX_TOKENS_LIMIT)
+    _assert_error(r)
+    assert "context" in r.json()["error"]["message"] and str(CONTEXT) in r.json()["error"]["message"]
+    _assert_error(requests.get(f"{server}/v1/nowhere", timeout=30))  # 404 in the same JSON shape
+    # still serving
+    out = _ok(server, prompt=PROMPT, max_tokens=5, mode="verify")
+    assert out["usage"]["completion_tokens"] <= 5
+
+
+def test_health_models_and_datastore_stats(server, artifacts):
+    r = requests.get(f"{server}/healthz", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.json()["context"] == CONTEXT
+    assert r.json()["tokenizer_fingerprint"] == vocab_fingerprint(artifacts["tok"])
+    models = requests.get(f"{server}/v1/models", timeout=30).json()
+    assert models["data"][0]["id"] == artifacts["model"]
+    _ok(server, prompt=PROMPT, max_tokens=4, mode="paper")
+    stats = requests.get(f"{server}/v1/datastore/stats", timeout=30).json()
+    assert stats["num_shards"] == 2 and stats["num_keys"] == artifacts["num_keys"]
+    assert stats["queries"] > 0 and stats["router"]["calls"] > 0 and stats["router"]["mean_call_ms"] > 0
+    assert len(stats["shards"]) == 2
+
+
+def test_foreign_tokenizer_fingerprint_is_refused(artifacts):
+    tok = artifacts["tok"]
+    assert check_datastore_tokenizer(artifacts["store"], tok) == vocab_fingerprint(tok)
+    with pytest.raises(DistilrayError, match="another tokenizer"):
+        check_datastore_tokenizer(artifacts["foreign"], tok)
+    with pytest.raises(DistilrayError, match="another tokenizer"):  # build time, before anything deploys
+        build_app({"model": artifacts["model"], "datastore": artifacts["foreign"]})
+    with pytest.raises(DistilrayError, match="no datastore"):
+        build_app({"model": artifacts["model"], "datastore": artifacts["store"] + "-missing"})
+
+
+def test_builder_args_and_environment(artifacts, monkeypatch):
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    monkeypatch.delenv(ENV_MODEL, raising=False)
+    monkeypatch.delenv(ENV_DATASTORE, raising=False)
+    with pytest.raises(DistilrayError, match="model: required"):
+        parse_args({"datastore": artifacts["store"]})
+    with pytest.raises(DistilrayError, match="colour: unknown argument"):
+        parse_args({"model": "m", "datastore": "d", "colour": "red"})
+    with pytest.raises(DistilrayError, match="default_mode"):
+        parse_args({"model": "m", "datastore": "d", "default_mode": "fast"})
+    with pytest.raises(DistilrayError, match="similarity_threshold"):
+        parse_args({"model": "m", "datastore": "d", "similarity_threshold": "2"})
+    # what `serve run distilray.serve_apps.retrieval:app model=... num_cpus=0.5` does: string args
+    built = call_user_app_builder_with_args_if_necessary(
+        app, {"model": artifacts["model"], "datastore": artifacts["store"], "num_cpus": "0.5"})
+    assert isinstance(built, Application)
+    # and with no args at all, the environment names the model and the datastore
+    monkeypatch.setenv(ENV_MODEL, artifacts["model"])
+    monkeypatch.setenv(ENV_DATASTORE, artifacts["store"])
+    assert parse_args({}).model == artifacts["model"]
+    assert isinstance(call_user_app_builder_with_args_if_necessary(app, {}), Application)
