@@ -107,6 +107,12 @@ class QuickstartConfig:
     num_workers: int = 1
     sample_prompt: str = "The for statement"
     sample_tokens: int = 40
+    cdlm_window: int = 128
+    cdlm_stride: int = 112
+    cdlm_tok_prob_threshold: float = 0.3
+    cdlm_similarity_threshold: float = 0.9
+    cdlm_prompts: int = 8
+    cdlm_new_tokens: int = 48
     seed: int = 0
 
 
@@ -197,6 +203,7 @@ class BenchCDLMConfig:
     """`distilray bench cdlm`: SCD, KCD, verify, extraction and datastore figures in one run."""
 
     artifacts_dir: str = "artifacts"
+    generator_steps: int = 1200  # the quickstart target's recipe, trained longer (cached)
     eval_data: str = ""  # text for the SCD/verify prompts; empty: the built-in corpus's test split
     prompts: int = 20
     prompt_tokens: int = 32
@@ -212,7 +219,7 @@ class BenchCDLMConfig:
     kcd_max_windows: int = 300
     kcd_sequences: int = 30
     q_funcs: tuple[str, ...] = ("map05_09", "map08_05", "map09_03", "map095_02", "map098_01")
-    extract_windows: int = 200
+    extract_windows: int = 400
     datastore_keys: int = 1_000_000
     datastore_dim: int = 256
     datastore_queries: int = 2000

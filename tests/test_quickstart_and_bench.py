@@ -15,17 +15,21 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
     cfg = load_config(
         QuickstartConfig,
         None,
-        [f"artifacts_dir={tmp_path}", "vocab_size=512", "target_steps=4", "drafter_steps=4", "seq_len=32", "batch_size=4", "sample_tokens=8"],
+        [f"artifacts_dir={tmp_path}", "vocab_size=512", "target_steps=4", "drafter_steps=4", "seq_len=32", "batch_size=4", "sample_tokens=8",
+         "cdlm_tok_prob_threshold=0.01", "cdlm_prompts=2", "cdlm_new_tokens=8", "cdlm_similarity_threshold=0.0"],
     )
     summary = quickstart.run(cfg)
     table = quickstart.format_summary(summary)
-    for needle in ("target (mini)", "drafter (tiny)", "test ppl", "validation ppl", "parameters"):
+    for needle in ("target (mini)", "drafter (tiny)", "test ppl", "validation ppl", "parameters", "CD-LM", "datastore keys"):
         assert needle in table
     params = {stage: value for stage, figure, value in summary["rows"] if figure == "parameters"}
     assert int(params["drafter (tiny)"].replace(",", "")) < int(params["target (mini)"].replace(",", ""))
     for path in summary["artifacts"].values():
         assert Path(path).exists(), path
     assert set(summary["samples"]) == {"target", "drafter"}
+    cdlm = {figure: value for stage, figure, value in summary["rows"] if stage == "CD-LM"}
+    assert cdlm["verify: FPS / same as baseline"].endswith("/ True")  # lossless mode, even on a toy model
+    assert (tmp_path / "quickstart" / "cdlm" / "datastore" / "datastore.json").is_file()
     assert json.loads((tmp_path / "quickstart" / "results.json").read_text())["rows"]
 
 

@@ -2,19 +2,21 @@
 
 Stage 1 (foundation): a BPE tokenizer and two causal LMs, a target and a much smaller drafter,
 trained with Ray Train on the built-in corpus; their test perplexity and a sample from each.
-Later stages (CD-LM, speculative decoding, ...) add their rows to the same summary.
+Stage 2 (CD-LM): Ray Data extraction, the sharded datastore, retrieval decoding in three modes.
+Later stages (speculative decoding, ...) add their rows to the same summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
-from distilray.config import CorpusSpec, EvalPPLConfig, QuickstartConfig, TrainLMConfig
+from distilray.config import BuildDatastoreConfig, CDLMGenerateConfig, EvalPPLConfig, ExtractConfig, QuickstartConfig, TrainLMConfig
 from distilray.generation import generate_text
-from distilray.io_utils import atomic_write_json
+from distilray.io_utils import atomic_write_json, read_json
 from distilray.models.causal_lm import load_causal_lm
-from distilray.pipelines import eval_ppl, train_lm, train_tokenizer
+from distilray.pipelines import build_datastore, cdlm_generate, eval_ppl, extract, train_lm, train_tokenizer
 from distilray.pipelines.ray_runtime import ensure_ray
 from distilray.tokenizer import load_tokenizer
 
@@ -34,12 +36,6 @@ def lm_config(cfg: QuickstartConfig, preset: str, steps: int, tokenizer_dir: Pat
         artifacts_dir=cfg.artifacts_dir,
         seed=cfg.seed,
     )
-
-
-def trained_target(cfg: QuickstartConfig) -> tuple[Path, dict]:
-    """Tokenizer folder and the quickstart's target model (trained once, then cached)."""
-    tok_dir = train_tokenizer.get_or_train(cfg.corpus, cfg.vocab_size, cfg.artifacts_dir)
-    return tok_dir, train_lm.run(lm_config(cfg, cfg.target_model, cfg.target_steps, tok_dir))
 
 
 def run(cfg: QuickstartConfig) -> dict:
@@ -76,6 +72,10 @@ def run(cfg: QuickstartConfig) -> dict:
         artifacts[f"{role} model"] = res["model_dir"]
         artifacts[f"{role} metrics"] = res["metrics_csv"]
 
+    cdlm_rows, cdlm_artifacts = cdlm_stage(cfg, models["target"]["model_dir"])
+    rows += cdlm_rows
+    artifacts.update(cdlm_artifacts)
+
     results_path = Path(cfg.artifacts_dir).resolve() / "quickstart" / "results.json"
     artifacts["results"] = str(results_path)
     summary = {
@@ -87,6 +87,38 @@ def run(cfg: QuickstartConfig) -> dict:
     }
     atomic_write_json(results_path, summary)
     return summary
+
+
+def cdlm_stage(cfg: QuickstartConfig, target_dir: str) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+    """CD-LM: extract the train split on Ray Data, build the sharded datastore, then decode test
+    prompts in baseline, paper and verify modes through the datastore actors."""
+    t0 = time.perf_counter()
+    home = Path(cfg.artifacts_dir).resolve() / "quickstart" / "cdlm"
+    home.mkdir(parents=True, exist_ok=True)
+    link = home / "model"  # a stable path for serve_config.yaml
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path(target_dir).resolve(), target_is_directory=True)
+    ext = extract.run(ExtractConfig(model=target_dir, corpus=cfg.corpus, window=cfg.cdlm_window, stride=cfg.cdlm_stride, min_length=32, output_dir=str(home / "extract")))
+    ds = build_datastore.run(BuildDatastoreConfig(extract_dir=ext["output_dir"], tok_prob_threshold=cfg.cdlm_tok_prob_threshold, num_shards=2, output_dir=str(home / "datastore")))
+    gen = CDLMGenerateConfig(model=target_dir, datastore=str(home / "datastore"), corpus=cfg.corpus, num_prompts=cfg.cdlm_prompts,
+                             max_new_tokens=cfg.cdlm_new_tokens, similarity_threshold=cfg.cdlm_similarity_threshold)
+    by_mode = {mode: cdlm_generate.run(dataclasses.replace(gen, mode=mode, save_dir=str(home / f"generations-{mode}"))) for mode in ("baseline", "paper", "verify")}
+    same = all(
+        read_json(home / "generations-baseline" / f"prompt_{i}.json")["token_ids"] == read_json(home / "generations-verify" / f"prompt_{i}.json")["token_ids"]
+        for i in range(by_mode["baseline"]["prompts"])
+    )
+    base_spt = by_mode["baseline"]["seconds_per_token"]
+    label = "CD-LM"
+    rows = [
+        (label, "extracted tokens", f"{ext['tokens']:,}"),
+        (label, "datastore keys / chunks", f"{ds['keys']:,} / {ds['chunks']:,}"),
+        (label, "paper: FPS / TTS", f"{by_mode['paper']['fps']:.3f} / {1 - by_mode['paper']['seconds_per_token'] / base_spt:.3f}"),
+        (label, "paper: chunk hit rate", f"{by_mode['paper']['chunk_hit_rate']:.3f}"),
+        (label, "verify: FPS / same as baseline", f"{by_mode['verify']['fps']:.3f} / {same}"),
+        (label, "seconds", f"{time.perf_counter() - t0:.1f}"),
+    ]
+    return rows, {"cdlm datastore": str(home / "datastore"), "cdlm generations": str(home)}
 
 
 def format_summary(summary: dict) -> str:
