@@ -83,6 +83,33 @@ def bench_scd_and_verify(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> 
     return scd, ver
 
 
+ECD_NAMES = ["Alice Moreau", "Bruno Keller", "Chen Wei", "Dana Okafor", "Emil Novak", "Farah Haddad", "Goran Petrov", "Hana Sato",
+             "Ivan Rossi", "Julia Berg", "Kofi Mensah", "Lena Fischer", "Marco Silva", "Nadia Costa", "Omar Aziz", "Paula Lind"]
+
+
+def bench_ecd(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> dict:
+    """Expert chunk distillation: facts the model has never seen, injected only through a datastore
+    built from curated text; accuracy = generations that contain the right value."""
+    rng = np.random.default_rng(cfg.seed)
+    facts = {name: str(rng.integers(1000, 10000)) for name in ECD_NAMES}
+    texts = [f"The badge number of {name} is {code}." for name, code in facts.items()]
+    seqs = encode_documents(tokenizer, texts)
+    # curated text is trusted as it is: every token counts as confident (threshold near 0)
+    datastore_from_sequences(model, seqs, 1e-6, work / "ecd_datastore", 2, vocab_fingerprint(tokenizer))
+    store = LocalDatastore(work / "ecd_datastore")
+    prompts = {"exact": "The badge number of {} is", "paraphrase": "Q: What badge number does {} have? A: The badge number is"}
+    out: dict = {"facts": len(facts)}
+    for kind, template in prompts.items():
+        ids = encode_documents(tokenizer, [template.format(n) for n in facts])
+        for mode, lookup in (("base", None), ("cdlm", store)):
+            hits = 0
+            for p, code in zip(ids, facts.values()):
+                rec = retrieval_generate(model, p, 8, lookup, mode="paper" if lookup else "baseline", similarity_threshold=cfg.similarity_threshold)
+                hits += code in tokenizer.decode(rec.token_ids)
+            out[f"{kind}.{mode}_accuracy"] = hits / len(facts)
+    return out
+
+
 def bench_kcd(cfg: BenchCDLMConfig, domain: str, gen_dir: str, model, tokenizer, work: Path) -> dict:
     spec = CorpusSpec(dataset=domain)
     tuned = train_lm.run(TrainLMConfig(corpus=spec, model=gen_dir, steps=cfg.kcd_finetune_steps, lr=3e-4, warmup_steps=10, seq_len=128, batch_size=16, checkpoint_every=cfg.kcd_finetune_steps, artifacts_dir=cfg.artifacts_dir, seed=cfg.seed))
@@ -163,6 +190,8 @@ def run(cfg: BenchCDLMConfig) -> dict:
         work = Path(tmp)
         print("[bench cdlm] SCD and verify ...", flush=True)
         results["scd"], results["verify"] = bench_scd_and_verify(cfg, model, tokenizer, work)
+        print("[bench cdlm] ECD ...", flush=True)
+        results["ecd"] = bench_ecd(cfg, model, tokenizer, work)
         results["kcd"] = {}
         for domain in cfg.kcd_domains:
             print(f"[bench cdlm] KCD on {domain} ...", flush=True)
@@ -202,6 +231,8 @@ def format_table(r: dict) -> str:
     for domain, k in r["kcd"].items():
         lines.append(f"kcd.{domain}: ppl {k['ppl_base']:.2f} -> {k['ppl_cdlm']:.2f} ({k['q_func']})")
     d = r["datastore"]
+    e = r["ecd"]
+    lines.append(f"ecd accuracy ({e['facts']} injected facts): exact prompts {e['exact.base_accuracy']:.2f} -> {e['exact.cdlm_accuracy']:.2f}, paraphrased {e['paraphrase.base_accuracy']:.2f} -> {e['paraphrase.cdlm_accuracy']:.2f}")
     lines.append(f"scd with the datastore in-process (no actor round trip): TTS {r['scd']['colocated']['tts']:.3f}, FPS {r['scd']['colocated']['fps']:.3f}")
     lines.append(f"datastore: {d['keys']:,} synthetic keys, 2 shard actors: p50 {d['p50_ms']:.2f} ms, p99 {d['p99_ms']:.2f} ms")
     return "\n".join(lines)
