@@ -30,6 +30,7 @@ from distilray.cdlm.extraction import score_windows
 from distilray.cdlm.local import LocalDatastore
 from distilray.config import BenchCDLMConfig, BuildDatastoreConfig, CDLMPerplexityConfig, CorpusSpec, ExtractConfig, QuickstartConfig, TrainLMConfig
 from distilray.decoding.retrieval import chunk_hit_rate, fps, mean_chunk_length, retrieval_generate, tts
+from distilray.eval.mauve import mauve, mean_hidden_features
 from distilray.eval.rouge import rouge_l
 from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import load_causal_lm
@@ -122,6 +123,7 @@ def bench_kcd(cfg: BenchCDLMConfig, domain: str, gen_dir: str, model, tokenizer,
             seqs = test_sequences(CDLMPerplexityConfig(corpus=spec, split=split, seq_len=cfg.kcd_window, num_sequences=cfg.kcd_sequences), tokenizer, cfg.kcd_window)
             return [sequence_proposals(model, s, router.query_batch) for s in seqs]
         val, test = proposals("validation"), proposals("test")
+        quality = _kcd_generation_quality(cfg, spec, model, tokenizer, router)
     by_q = {q: perplexities(val, q)["ppl_cdlm"] for q in cfg.q_funcs}
     chosen = min(by_q, key=by_q.get)  # g_phi calibrated on held-out text, then applied to test
     result = perplexities(test, chosen)
@@ -129,8 +131,25 @@ def bench_kcd(cfg: BenchCDLMConfig, domain: str, gen_dir: str, model, tokenizer,
         "ppl_base": result["ppl_base"], "ppl_cdlm": result["ppl_cdlm"], "reduction": 1 - result["ppl_cdlm"] / result["ppl_base"],
         "q_func": chosen, "validation_ppl_cdlm_by_q_func": by_q, "test_tokens": result["tokens"],
         "exact_match_proposals": result["exact_match_proposals"], "datastore_keys": stats["keys"], "datastore_chunks": stats["chunks"],
-        "datastore_model": tuned["model_dir"], "datastore_model_steps": tuned["steps"],
+        "datastore_model": tuned["model_dir"], "datastore_model_steps": tuned["steps"], **quality,
     }
+
+
+def _kcd_generation_quality(cfg: BenchCDLMConfig, spec: CorpusSpec, model, tokenizer, router, n: int = 40, length: int = 32) -> dict:
+    """MAUVE of greedy continuations (baseline and paper mode) against the test split's own continuations.
+
+    Features are the generator's mean last-layer hidden states (the paper uses GPT-2 large's); with
+    40 texts per side the figure is coarse: compare the two modes, not absolute values.
+    """
+    docs = encode_documents(tokenizer, corpus.load_splits(spec)["test"])
+    pairs = [(d[i : i + cfg.prompt_tokens], d[i + cfg.prompt_tokens : i + cfg.prompt_tokens + length]) for d in docs for i in range(0, len(d) - cfg.prompt_tokens - length, cfg.prompt_tokens + length)][:n]
+    refs = [c for _, c in pairs]
+    out = {}
+    for mode, lookup in (("baseline", None), ("paper", router)):
+        gens = [retrieval_generate(model, p, length, lookup, mode=mode, similarity_threshold=cfg.similarity_threshold).token_ids for p, _ in pairs]
+        out[f"mauve_{mode}"] = mauve(mean_hidden_features(model, refs), mean_hidden_features(model, gens), seed=cfg.seed)
+    out["mauve_texts"] = len(pairs)
+    return out
 
 
 def _bare_extract(model_dir: str, windows: list[tuple[int, ...]], batch_size: int, threads: int) -> float:
@@ -229,7 +248,7 @@ def format_table(r: dict) -> str:
         shown = f"{v:.3f}" if isinstance(v, float) else str(v)
         lines.append(f"{name:<34}{shown:>12}  {'met' if g['met'] else 'NOT met'}")
     for domain, k in r["kcd"].items():
-        lines.append(f"kcd.{domain}: ppl {k['ppl_base']:.2f} -> {k['ppl_cdlm']:.2f} ({k['q_func']})")
+        lines.append(f"kcd.{domain}: ppl {k['ppl_base']:.2f} -> {k['ppl_cdlm']:.2f} ({k['q_func']}); MAUVE baseline {k['mauve_baseline']:.3f}, paper {k['mauve_paper']:.3f} ({k['mauve_texts']} texts)")
     d = r["datastore"]
     e = r["ecd"]
     lines.append(f"ecd accuracy ({e['facts']} injected facts): exact prompts {e['exact.base_accuracy']:.2f} -> {e['exact.cdlm_accuracy']:.2f}, paraphrased {e['paraphrase.base_accuracy']:.2f} -> {e['paraphrase.cdlm_accuracy']:.2f}")
