@@ -72,3 +72,12 @@ def test_bad_model_path_is_a_clear_error(ray_session, tmp_path):
     (tmp_path / "notamodel").mkdir()
     with pytest.raises(DistilrayError, match="not a model folder"):
         train_lm.run(_cfg(tmp_path, "bad", model=str(tmp_path / "notamodel"), tokenizer=""))
+
+
+def test_cache_key_follows_the_tokenizer_not_its_path(small_tokenizer, tmp_path, monkeypatch):
+    _, tok_dir = small_tokenizer
+    monkeypatch.chdir(tok_dir.parent)
+    relative = _cfg(tmp_path, "", tokenizer=tok_dir.name)
+    absolute = _cfg(tmp_path, "", tokenizer=str(tok_dir))
+    assert train_lm.run_dir_for(relative) == train_lm.run_dir_for(absolute)
+    assert train_lm.run_dir_for(absolute) != train_lm.run_dir_for(_cfg(tmp_path, "", tokenizer=str(tok_dir), steps=7))

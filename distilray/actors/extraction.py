@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from distilray.cdlm.extraction import score_windows
+from distilray.io_utils import atomic_path
 from distilray.models.causal_lm import load_causal_lm
 
 
@@ -58,7 +57,7 @@ class ExtractShardWorker:
         if self.save_hidden:  # hidden states first: the Parquet file marks the shard complete
             lengths = np.array([len(t) for t in tokens], dtype=np.int64)
             offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            with _atomic_path(hidden_path) as tmp, h5py.File(tmp, "w") as f:
+            with atomic_path(hidden_path) as tmp, h5py.File(tmp, "w") as f:
                 f.create_dataset("hidden", data=np.concatenate(hidden), dtype=np.float16)
                 f.create_dataset("window_id", data=meta["window_id"].astype(np.int64))
                 f.create_dataset("offset", data=offsets)
@@ -73,24 +72,5 @@ class ExtractShardWorker:
                 "probs": pa.array([p.tolist() for p in probs], pa.list_(pa.float32())),
             }
         )
-        with _atomic_path(table_path) as tmp:
+        with atomic_path(table_path) as tmp:
             pq.write_table(table, tmp)
-
-
-class _atomic_path:
-    """A temporary name beside `path`, renamed onto it when the block succeeds."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> str:
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-        return False

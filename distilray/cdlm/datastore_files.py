@@ -17,10 +17,7 @@ Every file is written under a temporary name in the same folder and renamed into
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +26,7 @@ import h5py
 import numpy as np
 
 from distilray.errors import DistilrayError
-from distilray.io_utils import atomic_write_json
+from distilray.io_utils import atomic_path, atomic_write_json
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "datastore.json"
@@ -165,23 +162,12 @@ def _to_float16(keys: np.ndarray, block: int = 65536) -> np.ndarray:
 
 
 def _write_h5_atomic(path: Path, data: ShardData) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, dtype in _DATASETS.items():
-                f.create_dataset(name, data=getattr(data, name), dtype=dtype)
-            f.attrs.update(format_version=FORMAT_VERSION, shard_index=data.shard_index,
-                           num_shards=data.num_shards, hidden_dim=data.hidden_dim,
-                           tokenizer_fingerprint=data.tokenizer_fingerprint)
-        with open(tmp, "rb") as fh:  # durable before the rename makes it visible
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, dtype in _DATASETS.items():
+            f.create_dataset(name, data=getattr(data, name), dtype=dtype)
+        f.attrs.update(format_version=FORMAT_VERSION, shard_index=data.shard_index,
+                       num_shards=data.num_shards, hidden_dim=data.hidden_dim,
+                       tokenizer_fingerprint=data.tokenizer_fingerprint)
 
 
 def write_shard(path: str | Path, *, entry_tokens: np.ndarray, keys: np.ndarray, chunk_ids: np.ndarray,

@@ -23,7 +23,7 @@ from distilray.config import ExtractConfig
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json, read_json
 from distilray.models.causal_lm import load_causal_lm, max_context
-from distilray.pipelines.ray_runtime import cluster_has_gpus, ensure_ray, largest_node_cpus
+from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.tokenizer import check_same_tokenizer, encode_documents, load_tokenizer, vocab_fingerprint
 
 PLAN_KEYS = ("model", "datastore_model", "corpus", "split", "window", "stride", "min_length", "windows_per_shard", "save_hidden", "max_windows")
@@ -81,10 +81,8 @@ def run(cfg: ExtractConfig) -> dict:
 
 def _run_actor_pool(cfg: ExtractConfig, out: Path, shards: list[list[Window]], todo: list[int]) -> None:
     ensure_ray()
-    use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}.get(str(cfg.use_gpu).lower())
-    if use_gpu is None:
-        raise DistilrayError(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
-    cpus = cfg.cpus_per_actor or max(1, min(largest_node_cpus(), int(ray.cluster_resources().get("CPU", 1))) // cfg.num_actors)
+    use_gpu = resolve_use_gpu(cfg.use_gpu)
+    cpus = cpus_per_worker(cfg.cpus_per_actor, cfg.num_actors)
     rows = [
         {
             "shard_id": i,

@@ -24,6 +24,24 @@ def ensure_ray(num_cpus: int | None = None, object_store_mb: int | None = None) 
     ray.init(**kwargs)
 
 
+def resolve_use_gpu(value: str) -> bool:
+    """`auto` uses GPUs when the cluster has any."""
+    from distilray.errors import DistilrayError
+
+    choice = {"auto": None, "true": True, "false": False}.get(str(value).lower(), "bad")
+    if choice == "bad":
+        raise DistilrayError(f"use_gpu must be auto, true or false, got {value!r}")
+    return cluster_has_gpus() if choice is None else bool(choice)
+
+
+def cpus_per_worker(requested: int, workers: int) -> int:
+    """`requested`, or (0) an even share of the cluster's CPUs that still fits on one node."""
+    if requested:
+        return requested
+    total = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(largest_node_cpus(), total) // workers)
+
+
 def largest_node_cpus() -> int:
     """CPUs of the biggest alive node: a training worker must fit on one node."""
     cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]

@@ -32,8 +32,8 @@ from distilray.eval.perplexity import perplexity
 from distilray.io_utils import atomic_dir, atomic_write_json, read_json
 from distilray.models.causal_lm import build_causal_lm, count_parameters, is_preset, load_causal_lm
 from distilray.pipelines import train_tokenizer
-from distilray.pipelines.ray_runtime import cluster_has_gpus, ensure_ray, largest_node_cpus
-from distilray.tokenizer import encode_documents, load_tokenizer
+from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
+from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
 from distilray.training import (
     MetricsLog,
     batch_rows,
@@ -56,7 +56,11 @@ _NOT_IN_KEY = ("artifacts_dir", "checkpoint_every", "report_every", "keep_checkp
 def run_dir_for(cfg: TrainLMConfig) -> Path:
     if cfg.name:
         return Path(cfg.artifacts_dir).resolve() / "lm" / cfg.name
-    key = config_hash(cfg, exclude=_NOT_IN_KEY)
+    # the tokenizer enters the key by its vocabulary, not by how its path was spelled
+    tok = cfg.tokenizer
+    if tok and Path(tok).is_dir():
+        tok = vocab_fingerprint(load_tokenizer(tok))
+    key = config_hash(dataclasses.replace(cfg, tokenizer=tok), exclude=_NOT_IN_KEY)
     fingerprint = corpus.corpus_fingerprint(cfg.corpus)[:6]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.model.strip("/").split("/")[-1])
     return Path(cfg.artifacts_dir).resolve() / "lm" / f"{slug}-{key}-{fingerprint}"
@@ -105,10 +109,8 @@ def run(cfg: TrainLMConfig, untimed_steps: int = 0) -> dict:
         load_causal_lm(cfg.model, device="cpu")  # fail early, with a clear message, on a bad path
     tok_dir, tokenizer, train_blocks, val_stream = prepare_data(cfg)
     ensure_ray()
-    use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}.get(str(cfg.use_gpu).lower())
-    if use_gpu is None:
-        raise DistilrayError(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
-    cpus = cfg.cpus_per_worker or max(1, min(largest_node_cpus(), int(ray.cluster_resources().get("CPU", 1))) // cfg.num_workers)
+    use_gpu = resolve_use_gpu(cfg.use_gpu)
+    cpus = cpus_per_worker(cfg.cpus_per_worker, cfg.num_workers)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     storage = run_dir / "ray"
