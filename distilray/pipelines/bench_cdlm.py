@@ -114,7 +114,8 @@ def bench_ecd(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> dict:
 def bench_kcd(cfg: BenchCDLMConfig, domain: str, gen_dir: str, model, tokenizer, work: Path) -> dict:
     spec = CorpusSpec(dataset=domain)
     tuned = train_lm.run(TrainLMConfig(corpus=spec, model=gen_dir, steps=cfg.kcd_finetune_steps, lr=3e-4, warmup_steps=10, seq_len=128, batch_size=16, checkpoint_every=cfg.kcd_finetune_steps, artifacts_dir=cfg.artifacts_dir, seed=cfg.seed))
-    ext_dir = Path(cfg.artifacts_dir) / "bench_cdlm" / f"extract-{domain}"
+    # one extraction folder per (generator, datastore model) pair: a resumed run must not mix them
+    ext_dir = Path(cfg.artifacts_dir) / "bench_cdlm" / f"extract-{domain}-{Path(gen_dir).parent.name}-{Path(tuned['model_dir']).parent.name}"
     extract.run(ExtractConfig(model=gen_dir, datastore_model=tuned["model_dir"], corpus=spec, window=cfg.kcd_window, stride=cfg.kcd_stride, min_length=32, max_windows=cfg.kcd_max_windows, output_dir=str(ext_dir)))
     ds_dir = work / f"kcd-{domain}"
     stats = build_datastore.run(BuildDatastoreConfig(extract_dir=str(ext_dir / "train"), tok_prob_threshold=cfg.tok_prob_threshold, num_shards=2, output_dir=str(ds_dir)))
@@ -171,8 +172,11 @@ def bench_extract(cfg: BenchCDLMConfig, gen_dir: str, work: Path) -> dict:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         bare_s = pool.apply(_bare_extract, (gen_dir, [w.tokens for w in windows], ecfg.batch_size, cpus))
-    start = time.perf_counter()
-    extract.run(ecfg)  # planning included: the bare loop's model load stands against it
+    out = work / "extract" / "train"
+    out.mkdir(parents=True)
+    shards = [windows[i : i + ecfg.windows_per_shard] for i in range(0, len(windows), ecfg.windows_per_shard)]
+    start = time.perf_counter()  # Ray Data planning, actor start and model load count, as the bare loop's load does
+    extract.run_actor_pool(ecfg, out, shards, list(range(len(shards))))
     ray_s = time.perf_counter() - start
     return {"tokens": tokens, "windows": len(windows), "actors": 1, "bare_tokens_per_s": tokens / bare_s, "ray_tokens_per_s": tokens / ray_s, "ratio_vs_bare": bare_s / ray_s}
 

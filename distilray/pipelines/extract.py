@@ -72,14 +72,15 @@ def run(cfg: ExtractConfig) -> dict:
     todo = [i for i in range(len(shards)) if not shard_done(out, i, cfg.save_hidden)]
     print(f"[extract] {len(windows)} windows in {len(shards)} shards; {len(shards) - len(todo)} already done", flush=True)
     if todo:
-        _run_actor_pool(cfg, out, shards, todo)
+        run_actor_pool(cfg, out, shards, todo)
     index = _write_index(out, shards, cfg.save_hidden)
     tokens = sum(len(w.tokens) for w in windows)
     seconds = time.perf_counter() - started
     return {"output_dir": str(out), "windows": len(windows), "shards": len(shards), "shards_computed": len(todo), "tokens": tokens, "seconds": round(seconds, 2), "index": str(index)}
 
 
-def _run_actor_pool(cfg: ExtractConfig, out: Path, shards: list[list[Window]], todo: list[int]) -> None:
+def run_actor_pool(cfg: ExtractConfig, out: Path, shards: list[list[Window]], todo: list[int]) -> None:
+    """Score and write the shards numbered in `todo` on a Ray Data actor pool."""
     ensure_ray()
     use_gpu = resolve_use_gpu(cfg.use_gpu)
     cpus = cpus_per_worker(cfg.cpus_per_actor, cfg.num_actors)
