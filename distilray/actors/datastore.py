@@ -168,21 +168,27 @@ class DatastoreRouter:
         if not self._handles:
             raise DistilrayError(f"datastore router for {self.folder} is closed")
 
+    def check_queries(self, entries, queries) -> tuple[np.ndarray, np.ndarray]:
+        """entries as a (B,) array of non-negative ints, queries as (B, hidden_dim) float32, or an error."""
+        entries = np.asarray(entries).reshape(-1)
+        queries = np.asarray(queries, dtype=np.float32)
+        b = entries.shape[0]
+        if queries.shape != (b, self.hidden_dim):
+            raise DistilrayError(f"queries must be ({b}, {self.hidden_dim}) for {b} entries, got {queries.shape}")
+        if b and (not np.issubdtype(entries.dtype, np.integer) or entries.min() < 0):
+            raise DistilrayError("entry tokens must be non-negative integers")
+        return entries, queries
+
     def query_batch(self, entries: np.ndarray, queries: np.ndarray) -> list[QueryResult]:
         """entries (B,) ints >= 0, queries (B, d) floats -> per query (chunk | None, cosine), in input order.
 
         One call per shard that has queries, all sent before any is awaited.
         """
         self._check_open()
-        entries = np.asarray(entries).reshape(-1)
-        queries = np.asarray(queries, dtype=np.float32)
+        entries, queries = self.check_queries(entries, queries)
         b = entries.shape[0]
-        if queries.shape != (b, self.hidden_dim):
-            raise DistilrayError(f"queries must be ({b}, {self.hidden_dim}) for {b} entries, got {queries.shape}")
         if b == 0:
             return []
-        if not np.issubdtype(entries.dtype, np.integer) or entries.min() < 0:
-            raise DistilrayError("entry tokens must be non-negative integers")
         owner = shard_of(entries, self.num_shards)
         parts = []
         for s in np.unique(owner).tolist():

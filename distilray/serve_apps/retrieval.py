@@ -132,15 +132,11 @@ class DatastoreRouterDeployment:
         a blocking ray.get in a thread: one hop fewer on the per-step path.
         """
         start = time.perf_counter()
-        entries = np.asarray(entries).reshape(-1)
-        queries = np.asarray(queries, dtype=np.float32)
-        b, router = entries.shape[0], self._router
-        if queries.shape != (b, router.hidden_dim):
-            raise DistilrayError(f"queries must be ({b}, {router.hidden_dim}) for {b} entries, got {queries.shape}")
+        router = self._router
+        entries, queries = router.check_queries(entries, queries)
+        b = entries.shape[0]
         if b == 0:
             return []
-        if not np.issubdtype(entries.dtype, np.integer) or entries.min() < 0:
-            raise DistilrayError("entry tokens must be non-negative integers")
         owner = shard_of(entries, router.num_shards)
         if b == 1:  # the decoding loop's case: one shard, no scatter
             out = await self._shards[int(owner[0])].query.remote(entries, queries)
