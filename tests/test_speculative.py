@@ -1,0 +1,268 @@
+"""Speculative decoding: greedy equivalence, distributional losslessness, adaptive gamma, metrics, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from distilray.decoding.drafter_api import Drafter, HFDrafter, check_same_vocab
+from distilray.decoding.speculative import (
+    SpecRecord,
+    expected_tokens_per_pass,
+    plain_generate,
+    speculative_generate,
+    theoretical_speedup,
+    warp,
+)
+from distilray.errors import DistilrayError
+
+PROMPTS = [
+    "The for statement is used to iterate",
+    "A class definition defines a class object",
+    "The import statement",
+    "Exceptions can be raised",
+]
+CHI2_CRIT_DOF5_P001 = 20.52  # chi-square critical value, 5 degrees of freedom, p = 0.001
+
+
+def _tiny(tok, seed: int):
+    """A tiny random GPT-2 with weights x4: peaky distributions, so argmax ties are far from rounding."""
+    from distilray.models.causal_lm import build_causal_lm
+
+    torch.manual_seed(seed)
+    model = build_causal_lm("tiny", tok).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from pydoc_data.topics import topics
+
+    from distilray.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(list(topics.values())[:40], vocab_size=300)
+    return tok, _tiny(tok, 0), _tiny(tok, 1)
+
+
+def test_greedy_matches_plain_with_other_drafter(setup):
+    tok, target, other = setup
+    drafter = HFDrafter(other)
+    assert isinstance(drafter, Drafter)
+    for i, text in enumerate(PROMPTS):
+        ids = tok(text)["input_ids"]
+        plain = plain_generate(target, ids, 24)
+        assert plain.target_passes == 24
+        spec = speculative_generate(target, drafter, ids, 24, gamma=3 + i % 2)
+        assert spec.token_ids == plain.token_ids
+        assert len(spec.token_ids) == 24
+        assert spec.drafted == sum(spec.gamma_history)
+        assert spec.target_passes == len(spec.gamma_history)
+        # each step emits its accepted drafts plus one target token
+        assert len(spec.token_ids) == spec.accepted + spec.target_passes
+        assert spec.mean_accepted_length == pytest.approx(24 / spec.target_passes)
+        assert spec.alpha == pytest.approx(spec.accepted / (spec.accepted + spec.rejections))
+        assert spec.rejections > 0  # an unrelated random drafter must miss sometimes
+
+
+def test_greedy_self_drafting_accepts_everything(setup):
+    tok, target, _ = setup
+    gamma = 4
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        plain = plain_generate(target, ids, 20)
+        spec = speculative_generate(target, HFDrafter(target), ids, 20, gamma=gamma)
+        assert spec.token_ids == plain.token_ids
+        assert spec.alpha == 1.0 and spec.rejections == 0
+        assert spec.mean_accepted_length == gamma + 1  # 20 tokens in 4 passes of 5
+        # a budget not divisible by gamma + 1: only the last step is shorter
+        spec = speculative_generate(target, HFDrafter(target), ids, 22, gamma=gamma)
+        assert spec.token_ids == plain_generate(target, ids, 22).token_ids
+        assert spec.gamma_history == [4, 4, 4, 4, 1]
+        assert spec.target_passes == 5
+
+
+def test_eos_stops_generation(setup):
+    tok, target, other = setup
+    ids = tok(PROMPTS[0])["input_ids"]
+    plain = plain_generate(target, ids, 20)
+    eos = plain.token_ids[5]
+    stop = plain.token_ids.index(eos) + 1
+    spec = speculative_generate(target, HFDrafter(other), ids, 20, gamma=4, eos_token_id=eos)
+    assert spec.token_ids == plain.token_ids[:stop]
+    assert plain_generate(target, ids, 20, eos_token_id=eos).token_ids == plain.token_ids[:stop]
+
+
+def test_adaptive_gamma_moves_within_bounds(setup):
+    tok, target, other = setup
+    ids = tok(PROMPTS[1])["input_ids"]
+    # self-drafting accepts every block: gamma climbs to gamma_max and stays
+    up = speculative_generate(target, HFDrafter(target), ids, 60, gamma=2, adaptive_gamma=True, gamma_max=6)
+    assert up.gamma_history[:5] == [2, 3, 4, 5, 6]
+    assert max(up.gamma_history) == 6
+    # a random drafter is often rejected at the first draft: gamma falls, never below gamma_min
+    down = speculative_generate(target, HFDrafter(other), ids, 60, gamma=5, adaptive_gamma=True,
+                                gamma_min=2, gamma_max=7)
+    hist = down.gamma_history
+    assert all(0 <= g <= 7 for g in hist)
+    # only steps starting with fewer than gamma_max + 1 tokens left (at most the last 7) are budget-cut
+    free = hist[:-7]
+    assert all(g >= 2 for g in free) and min(free) == 2
+    assert any(b < a for a, b in zip(free, free[1:]))
+    assert down.token_ids == plain_generate(target, ids, 60).token_ids
+
+
+class FixedDrafter:
+    """A toy drafter with one fixed next-token distribution, whatever the context."""
+
+    def __init__(self, probs: list[float]) -> None:
+        self.vocab_size = len(probs)
+        self._logits = torch.tensor(probs, dtype=torch.float32).log()
+        self._tokens: list[int] = []
+
+    def start(self, prefix: list[int]) -> None:
+        self._tokens = list(prefix)
+
+    def next_logits(self) -> torch.Tensor:
+        return self._logits.clone()
+
+    def push(self, tokens: list[int]) -> None:
+        self._tokens.extend(tokens)
+
+    def rollback(self, length: int) -> None:
+        self._tokens = self._tokens[:length]
+
+    def length(self) -> int:
+        return len(self._tokens)
+
+
+@pytest.fixture(scope="module")
+def toy_target():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=6, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)  # far from uniform: the top token has ~0.37, the bottom ~0.07
+    return model
+
+
+def _exact_marginals(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """Exact marginal distribution (6,) of each of the first `steps` generated tokens, by enumeration."""
+    marginals = []
+    with torch.no_grad():
+        for t in range(steps):
+            m = torch.zeros(6, dtype=torch.float64)
+            for ctx in itertools.product(range(6), repeat=t):
+                seq = prompt + list(ctx)
+                weight = 1.0
+                for j in range(t):  # probability of the context itself
+                    probs = torch.softmax(model(torch.tensor([seq[: len(prompt) + j]])).logits[0, -1].double(), -1)
+                    weight *= float(probs[ctx[j]])
+                m += weight * torch.softmax(model(torch.tensor([seq])).logits[0, -1].double(), -1)
+            marginals.append(m)
+    return marginals
+
+
+def test_sampling_is_lossless(toy_target):
+    prompt, runs, steps = [0, 1], 2000, 3
+    drafter = FixedDrafter([0.4, 0.25, 0.05, 0.1, 0.15, 0.05])
+    exact = _exact_marginals(toy_target, prompt, steps)
+    q = torch.tensor([0.4, 0.25, 0.05, 0.1, 0.15, 0.05], dtype=torch.float64)
+    assert 0.5 * float((exact[0] - q).abs().sum()) > 0.25  # drafter and target really differ
+    counts = torch.zeros(steps, 6, dtype=torch.float64)
+    accepted = rejections = bonus_steps = 0
+    for seed in range(runs):
+        # gamma 2 with 3 tokens: rejections at draft 1 and 2, full acceptance with a bonus token
+        rec = speculative_generate(toy_target, drafter, prompt, steps, gamma=2, temperature=1.0, seed=seed)
+        assert len(rec.token_ids) == steps
+        for t, tok in enumerate(rec.token_ids):
+            counts[t, tok] += 1
+        accepted += rec.accepted
+        rejections += rec.rejections
+        bonus_steps += rec.target_passes - rec.rejections
+    assert accepted > 500 and rejections > 500 and bonus_steps > 300  # every path is exercised
+    for t in range(steps):
+        expected = runs * exact[t]
+        assert float(expected.min()) >= 5  # the chi-square approximation holds
+        chi2 = float(((counts[t] - expected) ** 2 / expected).sum())
+        assert chi2 < CHI2_CRIT_DOF5_P001, (t, counts[t].tolist(), expected.tolist())
+
+
+def test_warp():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    assert warp(logits, 0.0).tolist() == [1.0, 0.0, 0.0, 0.0]
+    p = warp(logits, 1.0)
+    assert torch.allclose(p, torch.softmax(logits, -1))
+    nucleus = warp(logits, 1.0, top_p=0.9)  # top two hold 0.881 < 0.9: the third is kept, not the fourth
+    assert nucleus[3] == 0 and nucleus[2] > 0 and math.isclose(float(nucleus.sum()), 1.0, rel_tol=1e-6)
+    assert warp(logits, 1.0, top_p=0.0).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert warp(logits.repeat(3, 1), 0.5).shape == (3, 4)
+
+
+def test_formulas_and_record_properties():
+    assert expected_tokens_per_pass(1.0, 4) == 5.0
+    assert expected_tokens_per_pass(0.0, 4) == 1.0
+    assert expected_tokens_per_pass(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens_per_pass(0.8, 5) == pytest.approx((1 - 0.8**6) / 0.2)
+    assert theoretical_speedup(0.5, 2, 0.1) == pytest.approx(1.75 / 1.2)
+    assert theoretical_speedup(1.0, 4, 0.0) == 5.0
+    rec = SpecRecord(token_ids=[1] * 10, accepted=6, rejections=2, target_passes=4)
+    assert rec.alpha == 0.75 and rec.mean_accepted_length == 2.5
+    assert math.isnan(SpecRecord().alpha) and math.isnan(SpecRecord().mean_accepted_length)
+    with pytest.raises(DistilrayError):
+        expected_tokens_per_pass(1.5, 4)
+
+
+def test_bad_arguments(setup, toy_target):
+    tok, target, other = setup
+    ids = tok(PROMPTS[0])["input_ids"]
+    d = HFDrafter(other)
+    bad = [
+        dict(max_new_tokens=-1),
+        dict(gamma=0),
+        dict(gamma=65),
+        dict(top_p=1.5),
+        dict(top_p=-0.1),
+        dict(temperature=-1.0),
+        dict(max_new_tokens=600),  # beyond the 512-token context
+        dict(adaptive_gamma=True, gamma_min=5, gamma_max=3),
+    ]
+    for kwargs in bad:
+        args = dict(max_new_tokens=4) | kwargs
+        with pytest.raises(DistilrayError):
+            speculative_generate(target, d, ids, **args)
+    with pytest.raises(DistilrayError, match="empty"):
+        speculative_generate(target, d, [], 4)
+    with pytest.raises(DistilrayError, match="vocabulary"):
+        plain_generate(target, [10_000], 4)
+    assert speculative_generate(target, d, ids, 0).token_ids == []
+    # a drafter over another vocabulary is refused before any work
+    with pytest.raises(DistilrayError, match="vocabularies differ"):
+        speculative_generate(toy_target, d, [0, 1], 4)
+    with pytest.raises(DistilrayError, match="vocabularies differ"):
+        check_same_vocab(6, FixedDrafter([0.5, 0.5]))
+    check_same_vocab(len(tok), d)
+
+
+def test_hf_drafter_state(setup):
+    tok, _, other = setup
+    ids = tok(PROMPTS[2])["input_ids"]
+    d = HFDrafter(other)
+    d.start(ids)
+    first = d.next_logits().clone()
+    d.push([5, 6, 7])
+    assert d.length() == len(ids) + 3
+    d.next_logits()
+    d.rollback(len(ids))  # back to the prefix: the logits must be those of the prefix again
+    assert torch.allclose(d.next_logits(), first, atol=1e-4)
+    with pytest.raises(DistilrayError):
+        d.rollback(0)
