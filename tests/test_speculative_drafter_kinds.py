@@ -44,3 +44,19 @@ def test_greedy_identical_for_every_drafter_kind(setup):
             got = speculative_generate(target, drafter, prompt, 20, gamma=3)
             assert got.token_ids == want, kind
             assert got.drafted > 0 and got.accepted + got.rejections > 0
+
+
+def test_same_greedy_tokens_as_transformers_assisted_generation(setup):
+    from distilray.decoding.drafter_api import HFDrafter
+
+    tok, target, ids = setup
+    torch.manual_seed(2)
+    assistant = build_causal_lm("tiny", tok).eval()
+    for seq in ids[:3]:
+        prompt = seq[:12]
+        ours = speculative_generate(target, HFDrafter(assistant), prompt, 20, gamma=4).token_ids
+        theirs = target.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), assistant_model=assistant,
+            do_sample=False, max_new_tokens=20, min_new_tokens=20, pad_token_id=tok.pad_token_id, eos_token_id=None,
+        )[0, len(prompt):].tolist()
+        assert ours == theirs
