@@ -28,9 +28,10 @@ COMMANDS: dict[str, tuple[str, type]] = {
     "build-datastore": ("CD-LM: mine chunks and write the sharded datastore", C.BuildDatastoreConfig),
     "cdlm-generate": ("CD-LM: generate with the datastore (paper | verify | baseline)", C.CDLMGenerateConfig),
     "cdlm-ppl": ("CD-LM: perplexity by the chunk/token dynamic program beside the base LM's", C.CDLMPerplexityConfig),
+    "fit-ngram": ("speculative decoding: count an n-gram drafter from a corpus on Ray Data", C.FitNGramConfig),
 }
 # commands whose pipeline returns a JSON-able dict, printed as it is
-JSON_PIPELINES = {"preprocess": "preprocess", "train-tokenizer": "train_tokenizer", "eval-ppl": "eval_ppl", "extract": "extract", "build-datastore": "build_datastore", "cdlm-generate": "cdlm_generate", "cdlm-ppl": "cdlm_ppl"}
+JSON_PIPELINES = {"preprocess": "preprocess", "train-tokenizer": "train_tokenizer", "eval-ppl": "eval_ppl", "extract": "extract", "build-datastore": "build_datastore", "cdlm-generate": "cdlm_generate", "cdlm-ppl": "cdlm_ppl", "fit-ngram": "fit_ngram"}
 BENCHMARKS: dict[str, tuple[str, type]] = {
     "train": ("Ray Train tokens/s against a bare torch loop", C.BenchTrainConfig),
     "cdlm": ("CD-LM: SCD, KCD, verify, extraction and datastore figures", C.BenchCDLMConfig),

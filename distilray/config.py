@@ -227,6 +227,18 @@ class BenchCDLMConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class FitNGramConfig:
+    """Speculative decoding: an n-gram drafter counted from a corpus with a Ray Data aggregation."""
+
+    tokenizer: str = ""  # the target's tokenizer (its model folder): drafter and target must share it
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    split: str = "train"
+    n: int = 3
+    num_blocks: int = 8  # corpus shards counted in parallel, then merged
+    output_dir: str = "artifacts/drafters/ngram"
+
+
 COMMAND_CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
     "train-tokenizer": TrainTokenizerConfig,
@@ -236,6 +248,7 @@ COMMAND_CONFIGS: dict[str, type] = {
     "build-datastore": BuildDatastoreConfig,
     "cdlm-generate": CDLMGenerateConfig,
     "cdlm-ppl": CDLMPerplexityConfig,
+    "fit-ngram": FitNGramConfig,
     "quickstart": QuickstartConfig,
     "bench-train": BenchTrainConfig,
     "bench-cdlm": BenchCDLMConfig,

@@ -141,13 +141,31 @@ class NGramDrafter:
         return len(self._tokens)
 
     # ------------------------------------------------------------------ persistence
+    def to_rows(self) -> list[list]:
+        """Counts as plain lists [context, token ids, counts]: the file format, and what shards send."""
+        return [[list(ctx), ids.tolist(), counts.tolist()] for ctx, (ids, counts) in sorted(self._compile().items())]
+
+    @classmethod
+    def from_rows(cls, n: int, vocab_size: int, rows: list, where: str = "counts") -> "NGramDrafter":
+        model = cls(n, vocab_size)
+        try:
+            for ctx, ids, counts in rows:
+                if len(ids) != len(counts) or len(ctx) >= model.n:
+                    raise ValueError(f"bad row for context {ctx}")
+                nxt = model._counts[tuple(int(t) for t in ctx)]
+                for tok, c in zip(ids, counts):
+                    if not 0 <= int(tok) < model.vocab_size or int(c) < 0:
+                        raise ValueError(f"bad count {tok}:{c}")
+                    nxt[int(tok)] += int(c)
+        except (TypeError, ValueError) as e:
+            raise DistilrayError(f"{where} is corrupt: {e}") from None
+        return model
+
     def save(self, folder: str | Path) -> None:
         """Write config.json and counts.json (lists of [context, token ids, counts]) atomically."""
-        table = self._compile()
-        rows = [[list(ctx), ids.tolist(), counts.tolist()] for ctx, (ids, counts) in sorted(table.items())]
         with atomic_dir(folder) as tmp:
             atomic_write_json(tmp / "config.json", {"format": FORMAT, "n": self.n, "vocab_size": self.vocab_size})
-            atomic_write_json(tmp / "counts.json", rows, indent=None)
+            atomic_write_json(tmp / "counts.json", self.to_rows(), indent=None)
 
     @classmethod
     def load(cls, folder: str | Path) -> "NGramDrafter":
@@ -159,16 +177,4 @@ class NGramDrafter:
             raise DistilrayError(f"{folder} is not a readable n-gram folder: {e}") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise DistilrayError(f"{folder}/config.json is not a {FORMAT} config")
-        model = cls(config["n"], config["vocab_size"])
-        try:
-            for ctx, ids, counts in rows:
-                if len(ids) != len(counts) or len(ctx) >= model.n:
-                    raise ValueError(f"bad row for context {ctx}")
-                nxt = model._counts[tuple(int(t) for t in ctx)]
-                for tok, c in zip(ids, counts):
-                    if not 0 <= int(tok) < model.vocab_size or int(c) < 0:
-                        raise ValueError(f"bad count {tok}:{c}")
-                    nxt[int(tok)] += int(c)
-        except (TypeError, ValueError) as e:
-            raise DistilrayError(f"{folder}/counts.json is corrupt: {e}") from None
-        return model
+        return cls.from_rows(config["n"], config["vocab_size"], rows, where=f"{folder}/counts.json")

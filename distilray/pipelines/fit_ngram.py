@@ -1,0 +1,71 @@
+"""`distilray fit-ngram`: an n-gram drafter counted from a corpus with a Ray Data aggregation.
+
+Each block of documents is tokenized and counted by a Ray Data task; the partial counts come back as
+plain lists (no pickle of model objects) and are summed on the driver: the same counts as one pass
+over the whole corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from distilray import corpus
+from distilray.config import FitNGramConfig
+from distilray.errors import DistilrayError
+from distilray.io_utils import atomic_write_json
+from distilray.models.ngram import NGramDrafter
+from distilray.pipelines.ray_runtime import ensure_ray
+from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
+
+
+def _count_block(batch: dict[str, np.ndarray], tokenizer_dir: str, n: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """Ray Data map: documents -> one row holding this block's counts as JSON text."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids = encode_documents(tokenizer, [str(t) for t in batch["text"]])
+    counts = NGramDrafter(n, vocab_size).fit(ids)
+    return {"counts": np.array([json.dumps(counts.to_rows())]), "tokens": np.array([sum(len(s) for s in ids)])}
+
+
+def run(cfg: FitNGramConfig) -> dict:
+    if not cfg.tokenizer:
+        raise DistilrayError("fit-ngram needs tokenizer=PATH (the target model's folder or its tokenizer)")
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    vocab_size = len(tokenizer)
+    NGramDrafter(cfg.n, vocab_size)  # validates n before any work
+    docs = corpus.load_splits(cfg.corpus)[cfg.split]
+    if not docs:
+        raise DistilrayError(f"the {cfg.split} split of {cfg.corpus.dataset!r} is empty")
+    tok_dir = Path(cfg.tokenizer)
+    if not tok_dir.is_dir():  # a hub name: save it once so every task loads the same files
+        tok_dir = Path(cfg.output_dir).resolve().parent / ".ngram-tokenizer"
+        tokenizer.save_pretrained(tok_dir)
+    ensure_ray()
+    ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=max(1, min(cfg.num_blocks, len(docs))))
+    partial = ds.map_batches(
+        _count_block,
+        fn_kwargs={"tokenizer_dir": str(tok_dir.resolve()), "n": cfg.n, "vocab_size": vocab_size},
+        batch_size=None,  # one call per block
+        batch_format="numpy",
+    ).take_all()
+    model = NGramDrafter(cfg.n, vocab_size)
+    for row in partial:
+        model.merge_counts(NGramDrafter.from_rows(cfg.n, vocab_size, json.loads(str(row["counts"]))))
+    model.save(cfg.output_dir)
+    stats = {
+        "output_dir": str(Path(cfg.output_dir).resolve()),
+        "n": cfg.n,
+        "vocab_size": vocab_size,
+        "tokens": int(sum(int(r["tokens"]) for r in partial)),
+        "blocks": len(partial),
+        "contexts": len(model.to_rows()),
+        "tokenizer_fingerprint": vocab_fingerprint(tokenizer),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_json(Path(cfg.output_dir) / "stats.json", stats)
+    return stats

@@ -1,0 +1,30 @@
+import json
+
+import pytest
+
+from distilray import corpus
+from distilray.config import CorpusSpec, FitNGramConfig
+from distilray.errors import DistilrayError
+from distilray.models.ngram import NGramDrafter
+from distilray.pipelines import fit_ngram
+from distilray.tokenizer import encode_documents
+
+pytestmark = pytest.mark.ray
+
+
+def test_ray_data_counts_equal_one_pass_over_the_corpus(ray_session, small_tokenizer, tmp_path):
+    tok, tok_dir = small_tokenizer
+    spec = CorpusSpec(dataset="tinyshakespeare")
+    cfg = FitNGramConfig(tokenizer=str(tok_dir), corpus=spec, n=3, num_blocks=4, output_dir=str(tmp_path / "ng"))
+    stats = fit_ngram.run(cfg)
+    assert stats["blocks"] == 4 and stats["n"] == 3
+    fitted = NGramDrafter.load(tmp_path / "ng")
+    direct = NGramDrafter(3, len(tok)).fit(encode_documents(tok, corpus.load_splits(spec)["train"]))
+    assert fitted.to_rows() == direct.to_rows()
+    assert stats["tokens"] == sum(len(s) for s in encode_documents(tok, corpus.load_splits(spec)["train"]))
+    assert json.loads((tmp_path / "ng" / "stats.json").read_text())["contexts"] == len(direct.to_rows())
+
+
+def test_fit_ngram_needs_a_tokenizer(tmp_path):
+    with pytest.raises(DistilrayError, match="needs tokenizer"):
+        fit_ngram.run(FitNGramConfig(output_dir=str(tmp_path)))
