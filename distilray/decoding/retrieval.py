@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from distilray.errors import DistilrayError
-from distilray.models.causal_lm import max_context
+from distilray.models.causal_lm import check_prompt, input_vocab_size
 
 # (last token id, query hidden state (d,) float32) -> (chunk token ids, cosine similarity) or None
 Lookup = Callable[[int, np.ndarray], tuple[tuple[int, ...], float] | None]
@@ -136,34 +136,16 @@ class _Sampler:
         return bool(u < probs[token])
 
 
-def _vocab_size(model) -> int:
-    """Rows of the input embedding: the ids the model can actually read (config.vocab_size may lag)."""
-    return int(model.get_input_embeddings().num_embeddings)
-
-
 def _validate(
     model, prompt_ids: Sequence[int], max_new_tokens: int, mode: str, threshold: float, temperature: float
 ) -> None:
     if mode not in MODES:
         raise DistilrayError(f"unknown retrieval decoding mode {mode!r}; modes: {', '.join(MODES)}")
-    if max_new_tokens < 0:
-        raise DistilrayError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not -1.0 <= threshold <= 1.0:  # also rejects NaN
         raise DistilrayError(f"similarity_threshold is a cosine similarity and must lie in [-1, 1], got {threshold}")
     if temperature < 0:
         raise DistilrayError(f"temperature must be >= 0, got {temperature}")
-    if len(prompt_ids) == 0:
-        raise DistilrayError("the prompt is empty: retrieval decoding needs at least one prompt token")
-    vocab = _vocab_size(model)
-    bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
-    if bad:
-        raise DistilrayError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab}")
-    limit = max_context(model)
-    if len(prompt_ids) + max_new_tokens > limit:
-        raise DistilrayError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) "
-            f"exceeds the model's context of {limit}"
-        )
+    check_prompt(model, prompt_ids, max_new_tokens)
 
 
 def _query(
@@ -226,7 +208,7 @@ def _emit(record: GenerationRecord, token: int, from_chunk: bool, budget: int, e
 def _append_loop(lm: _CachedLM, sampler: _Sampler, record: GenerationRecord, budget: int,
                  lookup: Lookup | None, threshold: float, eos: int | None) -> None:
     """baseline and paper modes: each forward pass yields the next query and the fallback distribution."""
-    vocab = _vocab_size(lm.model)
+    vocab = input_vocab_size(lm.model)
     logits, hidden = lm.feed(record.prompt_ids)
     last = record.prompt_ids[-1]
     while True:
@@ -262,7 +244,7 @@ def _verify_loop(lm: _CachedLM, sampler: _Sampler, record: GenerationRecord, bud
     position is drawn in the next step, as the next chunk's verified first token or as a plain sample;
     this keeps every lookup on a true (token, hidden state) pair at no extra forward pass.
     """
-    vocab = _vocab_size(lm.model)
+    vocab = input_vocab_size(lm.model)
     all_logits, all_hidden = lm.feed(record.prompt_ids)
     logits, hidden, last = all_logits[-1], _last(all_hidden), record.prompt_ids[-1]
     exclude: set[int] = set()

@@ -16,7 +16,7 @@ import torch
 
 from distilray.decoding.drafter_api import Drafter, check_same_vocab, model_vocab_size
 from distilray.errors import DistilrayError
-from distilray.models.causal_lm import max_context
+from distilray.models.causal_lm import check_prompt
 
 MAX_GAMMA = 64
 
@@ -112,25 +112,13 @@ class _Target:
 
 
 def _validate(model, prompt_ids: list[int], max_new_tokens: int, gamma: int, temperature: float, top_p: float) -> None:
-    if max_new_tokens < 0:
-        raise DistilrayError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not 1 <= gamma <= MAX_GAMMA:
         raise DistilrayError(f"gamma must lie in [1, {MAX_GAMMA}], got {gamma}")
     if not 0.0 <= top_p <= 1.0:  # also rejects NaN
         raise DistilrayError(f"top_p must lie in [0, 1], got {top_p}")
     if not temperature >= 0.0:
         raise DistilrayError(f"temperature must be >= 0, got {temperature}")
-    if len(prompt_ids) == 0:
-        raise DistilrayError("the prompt is empty: decoding needs at least one prompt token")
-    vocab = model_vocab_size(model)
-    bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
-    if bad:
-        raise DistilrayError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab}")
-    limit = max_context(model)
-    if len(prompt_ids) + max_new_tokens > limit:
-        raise DistilrayError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}"
-        )
+    check_prompt(model, prompt_ids, max_new_tokens)
 
 
 def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -114,3 +114,25 @@ def max_context(model) -> int:
         if getattr(cfg, attr, None):
             return int(getattr(cfg, attr))
     return 1024
+
+
+def input_vocab_size(model) -> int:
+    """Rows of the input embedding: the ids the model can actually read (config.vocab_size may lag)."""
+    return int(model.get_input_embeddings().num_embeddings)
+
+
+def check_prompt(model, prompt_ids, max_new_tokens: int) -> None:
+    """A prompt any decoder can run: non-empty, ids in the vocabulary, within the context with the budget."""
+    if max_new_tokens < 0:
+        raise DistilrayError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if len(prompt_ids) == 0:
+        raise DistilrayError("the prompt is empty: decoding needs at least one prompt token")
+    vocab = input_vocab_size(model)
+    bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+    if bad:
+        raise DistilrayError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab}")
+    limit = max_context(model)
+    if len(prompt_ids) + max_new_tokens > limit:
+        raise DistilrayError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}"
+        )

@@ -12,17 +12,15 @@ Stored as model.safetensors + config.json (no pickle).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distilray.errors import DistilrayError
-from distilray.io_utils import atomic_dir, atomic_write_json, read_json
+from distilray.models.module_io import TokenListState, load_weights, read_config, save_module
 
 ARCH = "conv_drafter"
 
@@ -84,45 +82,17 @@ class ConvDrafter(nn.Module):
         return self.head(self.norm(x))
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write model.safetensors and config.json atomically."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_embeddings:
-            state.pop("head.weight")  # safetensors refuses shared storage; re-tied on load
-        with atomic_dir(folder) as tmp:
-            save_file(state, str(tmp / "model.safetensors"))
-            atomic_write_json(tmp / "config.json", {"architecture": ARCH, **dataclasses.asdict(self.config)})
+        """Write model.safetensors and config.json atomically (a tied head is re-tied on load)."""
+        save_module(self, self.config, ARCH, folder, tied=("head.weight",) if self.config.tie_embeddings else ())
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "ConvDrafter":
-        config = ConvDrafterConfig(**_read_config(folder, ARCH, ConvDrafterConfig))
-        model = cls(config)
-        state = load_file(str(Path(folder) / "model.safetensors"))
-        if config.tie_embeddings:
-            state["head.weight"] = state["embed.weight"]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise DistilrayError(f"{folder}/model.safetensors does not match its config: {e}") from None
-        return model.to(device).eval()
+        config = ConvDrafterConfig(**read_config(folder, ARCH, ConvDrafterConfig))
+        ties = {"head.weight": "embed.weight"} if config.tie_embeddings else {}
+        return load_weights(cls(config), folder, device, ties)
 
 
-def _read_config(folder: str | Path, arch: str, cls: type) -> dict:
-    """Read config.json, check the architecture, reject unknown keys by name."""
-    path = Path(folder) / "config.json"
-    try:
-        raw = read_json(path)
-    except (OSError, ValueError) as e:
-        raise DistilrayError(f"{folder} is not a readable {arch} folder: {e}") from None
-    if not isinstance(raw, dict) or raw.pop("architecture", None) != arch:
-        raise DistilrayError(f"{path} is not a {arch} config")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise DistilrayError(f"{path}: unknown config key(s) {', '.join(unknown)}")
-    return raw
-
-
-class ConvDrafterState:
+class ConvDrafterState(TokenListState):
     """Drafter interface over a ConvDrafter: the state is the token list; each `next_logits` runs the
     model on the last `receptive_field` tokens only (exactly the tokens the last logits depend on)."""
 
@@ -132,11 +102,6 @@ class ConvDrafterState:
         self._window = model.config.receptive_field
         self._tokens: list[int] = []
 
-    def start(self, prefix: list[int]) -> None:
-        if not prefix:
-            raise DistilrayError("drafter prefix must be non-empty")
-        self._tokens = [int(t) for t in prefix]
-
     @torch.inference_mode()
     def next_logits(self) -> torch.Tensor:
         """(V,) float32 logits of the next token."""
@@ -145,14 +110,3 @@ class ConvDrafterState:
         device = self.model.embed.weight.device
         ids = torch.tensor([self._tokens[-self._window :]], dtype=torch.long, device=device)
         return self.model(ids)[0, -1].float()
-
-    def push(self, tokens: list[int]) -> None:
-        self._tokens.extend(int(t) for t in tokens)
-
-    def rollback(self, length: int) -> None:
-        if not 0 <= length <= len(self._tokens):
-            raise DistilrayError(f"cannot roll back to {length}: state has {len(self._tokens)} tokens")
-        del self._tokens[length:]
-
-    def length(self) -> int:
-        return len(self._tokens)

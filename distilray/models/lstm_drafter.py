@@ -6,17 +6,14 @@ and cannot draft autoregressively (FastLLM pitfall). Stored as model.safetensors
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distilray.errors import DistilrayError
-from distilray.io_utils import atomic_dir, atomic_write_json
-from distilray.models.conv_drafter import _read_config
+from distilray.models.module_io import load_weights, read_config, save_module
 
 ARCH = "lstm_drafter"
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (n_layers, B, d_model)
@@ -69,26 +66,14 @@ class LSTMDrafter(nn.Module):
         return self.step(input_ids)[0]
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write model.safetensors and config.json atomically."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_embeddings:
-            state.pop("head.weight")  # safetensors refuses shared storage; re-tied on load
-        with atomic_dir(folder) as tmp:
-            save_file(state, str(tmp / "model.safetensors"))
-            atomic_write_json(tmp / "config.json", {"architecture": ARCH, **dataclasses.asdict(self.config)})
+        """Write model.safetensors and config.json atomically (a tied head is re-tied on load)."""
+        save_module(self, self.config, ARCH, folder, tied=("head.weight",) if self.config.tie_embeddings else ())
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "LSTMDrafter":
-        config = LSTMDrafterConfig(**_read_config(folder, ARCH, LSTMDrafterConfig))
-        model = cls(config)
-        state = load_file(str(Path(folder) / "model.safetensors"))
-        if config.tie_embeddings:
-            state["head.weight"] = state["embed.weight"]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise DistilrayError(f"{folder}/model.safetensors does not match its config: {e}") from None
-        return model.to(device).eval()
+        config = LSTMDrafterConfig(**read_config(folder, ARCH, LSTMDrafterConfig))
+        ties = {"head.weight": "embed.weight"} if config.tie_embeddings else {}
+        return load_weights(cls(config), folder, device, ties)
 
 
 class LSTMDrafterState:

@@ -25,12 +25,13 @@ import torch
 
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_dir, atomic_write_json, read_json
+from distilray.models.module_io import TokenListState
 
 Context = tuple[int, ...]
 FORMAT = "distilray-ngram-v1"
 
 
-class NGramDrafter:
+class NGramDrafter(TokenListState):
     """n-gram language model usable as a speculative-decoding drafter (state = the token list)."""
 
     def __init__(self, n: int, vocab_size: int) -> None:
@@ -119,26 +120,9 @@ class NGramDrafter:
         return (count + 1) / (total + self.vocab_size)
 
     # ------------------------------------------------------------------ drafter interface
-    def start(self, prefix: list[int]) -> None:
-        """(Re)initialise the state on a non-empty prefix."""
-        if not prefix:
-            raise DistilrayError("drafter prefix must be non-empty")
-        self._tokens = [int(t) for t in prefix]
-
     def next_logits(self) -> torch.Tensor:
         """(V,) float32 log-probabilities of the next token."""
         return torch.from_numpy(np.log(self.probs(self._tokens))).to(torch.float32)
-
-    def push(self, tokens: list[int]) -> None:
-        self._tokens.extend(int(t) for t in tokens)
-
-    def rollback(self, length: int) -> None:
-        if not 0 <= length <= len(self._tokens):
-            raise DistilrayError(f"cannot roll back to {length}: state has {len(self._tokens)} tokens")
-        del self._tokens[length:]
-
-    def length(self) -> int:
-        return len(self._tokens)
 
     # ------------------------------------------------------------------ persistence
     def to_rows(self) -> list[list]:
