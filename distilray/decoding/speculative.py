@@ -121,7 +121,7 @@ def _validate(model, prompt_ids: list[int], max_new_tokens: int, gamma: int, tem
     check_prompt(model, prompt_ids, max_new_tokens)
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+def sample_token(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from probs (V,); argmax when greedy (no generator)."""
     if generator is None:
         return int(probs.argmax())
@@ -132,6 +132,27 @@ def _emit(record: SpecRecord, token: int, budget: int, eos: int | None) -> bool:
     """Append one generated token; True when generation must stop (budget spent or EOS)."""
     record.token_ids.append(token)
     return len(record.token_ids) >= budget or (eos is not None and token == eos)
+
+
+def propose(drafter: Drafter, g: int, temperature: float, top_p: float, generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor]]:
+    """Draft g tokens and push them onto the drafter: (drafts, warped q (V,) of each draft, on CPU).
+
+    A drafter may implement `propose` itself (same signature minus the drafter) to draft a whole
+    block in one call, e.g. a drafter in another process answering one round trip per step; it must
+    sample each draft from the q it returns.
+    """
+    own = getattr(drafter, "propose", None)
+    if own is not None:
+        return own(g, temperature, top_p, generator)
+    drafts: list[int] = []
+    q_probs: list[torch.Tensor] = []
+    for _ in range(g):
+        q = warp(drafter.next_logits().cpu(), temperature, top_p)
+        d = sample_token(q, generator)
+        drafts.append(d)
+        q_probs.append(q)
+        drafter.push([d])
+    return drafts, q_probs
 
 
 @torch.inference_mode()
@@ -174,15 +195,8 @@ def speculative_generate(
         n_before = len(prompt) + len(record.token_ids)  # tokens in the sequence before this step
         # drafting past the budget is wasted work, and keeps the target inside its context
         g = min(gamma, max_new_tokens - len(record.token_ids) - 1)
-        drafts: list[int] = []
-        q_probs: list[torch.Tensor] = []  # (V,) each, warped drafter distributions (CPU)
-        for _ in range(g):
-            q = warp(drafter.next_logits().cpu(), temperature, top_p)
-            record.drafter_calls += 1
-            d = _sample(q, generator)
-            drafts.append(d)
-            q_probs.append(q)
-            drafter.push([d])
+        drafts, q_probs = propose(drafter, g, temperature, top_p, generator)
+        record.drafter_calls += g
         cached = lm.cache.get_seq_length() if lm.cache is not None else 0
         # one pass: p_1..p_{g+1}, p_i = p(. | sequence, d_<i)
         p_probs = warp(lm.feed(pending + drafts, keep=g + 1).cpu(), temperature, top_p)  # (g+1, V)
@@ -212,9 +226,9 @@ def speculative_generate(
             residual = torch.clamp(p_probs[k] - q_probs[k], min=0.0)
             total = residual.sum()
             # p == q leaves nothing, so a rejection is then only a rounding artefact: fall back to p
-            y = _sample(residual / total if total > 0 else p_probs[k], generator)
+            y = sample_token(residual / total if total > 0 else p_probs[k], generator)
         else:
-            y = _sample(p_probs[g], generator)  # bonus token
+            y = sample_token(p_probs[g], generator)  # bonus token
         if adaptive_gamma and g == gamma:
             if k == g:
                 gamma = min(gamma + 1, gamma_max)
@@ -252,7 +266,7 @@ def plain_generate(
         pending = [int(t) for t in prompt_ids]
         while True:
             probs = warp(lm.feed(pending, keep=1)[0].cpu(), temperature, top_p)  # (V,)
-            y = _sample(probs, generator)
+            y = sample_token(probs, generator)
             if _emit(record, y, max_new_tokens, eos_token_id):
                 break
             pending = [y]
