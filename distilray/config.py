@@ -239,6 +239,45 @@ class FitNGramConfig:
     output_dir: str = "artifacts/drafters/ngram"
 
 
+@dataclass(frozen=True)
+class DistillDrafterConfig:
+    """Speculative decoding: a drafter trained from the target (knowledge distillation) on Ray Train."""
+
+    target: str = ""  # the target: HF causal LM folder or name (required); its tokenizer is the drafter's
+    drafter: str = "transformer"  # cnn | lstm | transformer
+    drafter_size: str = ""  # transformer: GPT-2 preset (default tiny); cnn/lstm: width d_model (default 128)
+    init: str = ""  # a saved drafter folder of the same kind to start from; empty: fresh weights
+    data: str = "corpus"  # corpus | pseudo (target generations, Ray Data) | on_policy (drafter samples)
+    loss: str = "fkl"  # fkl | rkl | jsd | tvd | ce (ce: cross-entropy on the data only, the baseline)
+    temperature: float = 1.0  # of both distributions in the divergence
+    ce_weight: float = 0.0  # weight of cross-entropy on the data added to the divergence
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 300
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    prompt_tokens: int = 16  # pseudo / on_policy: corpus prefix each generated sequence starts from
+    pseudo_sequences: int = 512  # pseudo: sequences the target generates
+    sample_temperature: float = 1.0  # pseudo / on_policy: sampling temperature of the generations
+    pseudo_actors: int = 1  # pseudo: target actors in the Ray Data pool
+    on_policy_fraction: float = 0.5  # on_policy: share of each batch sampled from the drafter (rest: corpus)
+    num_workers: int = 1
+    cpus_per_worker: int = 0  # 0: this machine's CPUs divided by num_workers (local), 1 on a cluster
+    use_gpu: str = "auto"
+    checkpoint_every: int = 100
+    report_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    eval_tokens: int = 20_000  # validation tokens for the final agreement figures
+    artifacts_dir: str = "artifacts"
+    output_dir: str = ""  # empty: artifacts_dir/drafters/<kind>-<loss>-<data>-<hash>
+    seed: int = 0
+
+
 COMMAND_CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
     "train-tokenizer": TrainTokenizerConfig,
@@ -249,6 +288,7 @@ COMMAND_CONFIGS: dict[str, type] = {
     "cdlm-generate": CDLMGenerateConfig,
     "cdlm-ppl": CDLMPerplexityConfig,
     "fit-ngram": FitNGramConfig,
+    "distill-drafter": DistillDrafterConfig,
     "quickstart": QuickstartConfig,
     "bench-train": BenchTrainConfig,
     "bench-cdlm": BenchCDLMConfig,
