@@ -29,9 +29,11 @@ COMMANDS: dict[str, tuple[str, type]] = {
     "cdlm-generate": ("CD-LM: generate with the datastore (paper | verify | baseline)", C.CDLMGenerateConfig),
     "cdlm-ppl": ("CD-LM: perplexity by the chunk/token dynamic program beside the base LM's", C.CDLMPerplexityConfig),
     "fit-ngram": ("speculative decoding: count an n-gram drafter from a corpus on Ray Data", C.FitNGramConfig),
+    "train-seq2seq": ("speculative decoding: train a T5 summarizer (target) or a T5 drafter distilled from it (teacher=) with Ray Train", C.TrainSeq2SeqConfig),
+    "distill-drafter": ("speculative decoding: train a CNN/LSTM/transformer drafter from the target with Ray Train", C.DistillDrafterConfig),
 }
 # commands whose pipeline returns a JSON-able dict, printed as it is
-JSON_PIPELINES = {"preprocess": "preprocess", "train-tokenizer": "train_tokenizer", "eval-ppl": "eval_ppl", "extract": "extract", "build-datastore": "build_datastore", "cdlm-generate": "cdlm_generate", "cdlm-ppl": "cdlm_ppl", "fit-ngram": "fit_ngram"}
+JSON_PIPELINES = {"preprocess": "preprocess", "train-tokenizer": "train_tokenizer", "eval-ppl": "eval_ppl", "extract": "extract", "build-datastore": "build_datastore", "cdlm-generate": "cdlm_generate", "cdlm-ppl": "cdlm_ppl", "fit-ngram": "fit_ngram", "train-seq2seq": "train_seq2seq", "distill-drafter": "distill_drafter"}
 BENCHMARKS: dict[str, tuple[str, type]] = {
     "train": ("Ray Train tokens/s against a bare torch loop", C.BenchTrainConfig),
     "cdlm": ("CD-LM: SCD, KCD, verify, extraction and datastore figures", C.BenchCDLMConfig),

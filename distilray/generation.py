@@ -31,3 +31,30 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40, tempe
         pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sample_continuations(model, prompts: torch.Tensor, new_tokens: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Batched ancestral sampling of fixed length (no early stop at EOS). prompts (B, P) -> (B, P + new_tokens).
+
+    Hugging Face models decode with their KV cache; other networks (CNN, LSTM drafters: input_ids
+    (B, T) -> logits (B, T, V)) are re-run on the whole prefix, cheap at drafter sizes. Used for
+    distillation data: target generations (pseudo-data) and drafter samples (on-policy).
+    """
+    if temperature <= 0:
+        raise DistilrayError(f"sampling temperature must be > 0, got {temperature}")
+    device = next(model.parameters()).device
+    seq = prompts.to(device)
+    hf = hasattr(model, "config") and hasattr(model.config, "model_type")
+    cache, fresh = None, seq
+    for _ in range(new_tokens):
+        if hf:
+            out = model(input_ids=fresh, past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+        else:
+            logits = model(seq)[:, -1]  # (B, V)
+        probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+        nxt = torch.multinomial(probs, 1, generator=generator).to(device)  # (B, 1)
+        seq = torch.cat([seq, nxt], dim=1)
+        fresh = nxt
+    return seq.cpu()

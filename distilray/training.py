@@ -83,7 +83,7 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
 def save_checkpoint(directory: Path, model, tokenizer, optimizer, state: dict) -> None:
     """HF model folder (safetensors) + optimizer tensors + a JSON trainer state; written last = complete."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory)  # safetensors: the default of HF models and of our own architectures
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_STATE)
@@ -109,8 +109,8 @@ def load_checkpoint_into(directory: Path, model, optimizer) -> dict:
     try:
         weights = load_file(directory / "model.safetensors")
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        # tied output embeddings are not stored separately
-        if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+        # tied output embeddings (HF lm_head, our own drafters' head) are not stored separately
+        if [k for k in missing if not k.endswith("head.weight")] or unexpected:
             raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         optimizer.load_state_dict(torch.load(directory / OPTIMIZER_STATE, weights_only=True))
     except Exception as e:  # safetensors, torch and shape errors all mean the same thing here

@@ -68,6 +68,7 @@ class ConvDrafter(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)  # N(0, 1) through the tied head gives wildly peaked logits
         self.blocks = nn.ModuleList(CausalConvBlock(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)

@@ -39,6 +39,7 @@ class LSTMDrafter(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)  # N(0, 1) through the tied head gives wildly peaked logits
         self.lstm = nn.LSTM(
             config.d_model,
             config.d_model,  # hidden == d_model so the head can tie to the embedding

@@ -11,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,17 +20,26 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from distilray import corpus
 from distilray.config import TrainLMConfig, config_hash
 from distilray.errors import DistilrayError
 from distilray.eval.perplexity import perplexity
-from distilray.io_utils import atomic_dir, atomic_write_json, read_json
+from distilray.io_utils import atomic_write_json, read_json
 from distilray.models.causal_lm import build_causal_lm, count_parameters, is_preset, load_causal_lm
 from distilray.pipelines import train_tokenizer
 from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
+from distilray.pipelines.trainer_runtime import (
+    copy_final_model,
+    fail_at_step_from_env,
+    fit,
+    latest_checkpoint,
+    maybe_inject_failure,
+    quiet_per_step_report_lines,
+    report_with_checkpoint,
+    saved_files,
+    write_folder,
+)
 from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
 from distilray.training import (
     MetricsLog,
@@ -85,17 +92,6 @@ def prepare_data(cfg: TrainLMConfig):
     return tok_dir, tokenizer, train_blocks, val_stream[: cfg.eval_max_tokens]
 
 
-def latest_checkpoint(storage: Path) -> Path | None:
-    """The most advanced complete checkpoint a previous run of this config left behind."""
-    best: tuple[int, Path] | None = None
-    for d in storage.glob("*/checkpoint_*"):
-        if (d / "trainer_state.json").is_file():
-            step = int(read_trainer_state(d)["step"])
-            if best is None or step > best[0]:
-                best = (step, d)
-    return best[1] if best else None
-
-
 def run(cfg: TrainLMConfig, untimed_steps: int = 0) -> dict:
     """Train (or resume, or reuse from the cache) and return where everything went, with figures."""
     run_dir = run_dir_for(cfg)
@@ -121,36 +117,17 @@ def run(cfg: TrainLMConfig, untimed_steps: int = 0) -> dict:
         "cfg": dataclasses.asdict(cfg),
         "train_ref": ray.put(train_blocks),
         "val_ref": ray.put(val_stream),
-        "tokenizer_files": _tokenizer_files(tokenizer),
+        "tokenizer_files": saved_files(tokenizer),
         "run_dir": str(run_dir),
         "threads": cpus,
         "untimed_steps": untimed_steps,
         "resume_dir": str(resume) if resume else "",
         # fault injection for the resume tests: fail once (marker file) when reaching this step
-        "fail_at_step": int(os.environ.get("DISTILRAY_FAIL_AT_STEP", "0")),
+        "fail_at_step": fail_at_step_from_env(),
     }
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(
-            name="train",
-            storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),  # per-step report lines drown the progress
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; show the cause, keep the checkpoints
-        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise DistilrayError(f"training failed: {cause}\n  re-run the same command to resume from the latest checkpoint in {storage}") from None
-
+    result = fit(train_loop, loop_config, storage, cfg.num_workers, use_gpu, cpus, cfg.keep_checkpoints, cfg.max_failures)
     model_dir = run_dir / "model"
-    with result.checkpoint.as_directory() as ckpt, atomic_dir(model_dir) as tmp:
-        shutil.copytree(ckpt, tmp, dirs_exist_ok=True)
-        (tmp / "optimizer.pt").unlink(missing_ok=True)
+    copy_final_model(result, model_dir)
     metrics = result.metrics
     summary = {
         "run_dir": str(run_dir),
@@ -175,15 +152,14 @@ def run(cfg: TrainLMConfig, untimed_steps: int = 0) -> dict:
 # --------------------------------------------------------------------------------- on the workers
 def train_loop(c: dict) -> None:
     cfg = TrainLMConfig(**{**c["cfg"], "corpus": type(TrainLMConfig().corpus)(**c["cfg"]["corpus"])})
-    _quiet_per_step_report_lines()
+    quiet_per_step_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(c["threads"])
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
 
-    tok_dir = Path(tempfile.mkdtemp(prefix="distilray-tok-"))
-    _write_folder(tok_dir, c["tokenizer_files"])
+    tok_dir = write_folder(c["tokenizer_files"], "distilray-tok-")
     tokenizer = load_tokenizer(tok_dir)
     if is_preset(cfg.model):
         model = build_causal_lm(cfg.model, tokenizer, dropout=cfg.dropout, n_positions=max(512, cfg.seq_len))
@@ -209,7 +185,7 @@ def train_loop(c: dict) -> None:
     loss_value, elapsed, timed_steps = float("nan"), 0.0, 0
     model.train()
     for step in range(start, cfg.steps):
-        _maybe_inject_failure(c, step, rank)
+        maybe_inject_failure(c["run_dir"], c["fail_at_step"], step, rank)
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -236,7 +212,8 @@ def train_loop(c: dict) -> None:
             metrics["mean_tokens_per_s"] = tokens_per_step * timed_steps / elapsed if elapsed else float("nan")
             metrics["val_ppl"] = _validation_ppl(raw_model, c, cfg) if rank == 0 else float("nan")
         if final or done % cfg.checkpoint_every == 0:
-            _report_with_checkpoint(metrics, raw_model, tokenizer, optimizer, done, rank, cfg)
+            state = {"step": done, "seed": cfg.seed, "model": cfg.model}
+            report_with_checkpoint(metrics, lambda d: save_checkpoint(d, raw_model, tokenizer, optimizer, state), done, rank)
         elif done % cfg.report_every == 0:
             # A report waits for the controller's next poll (every 2 s), so reporting every step
             # would throttle a fast loop; every rank reports at the same steps, as Ray Train needs.
@@ -244,33 +221,6 @@ def train_loop(c: dict) -> None:
     if metrics_log is not None:
         metrics_log.close()
     shutil.rmtree(tok_dir, ignore_errors=True)
-
-
-def _maybe_inject_failure(c: dict, step: int, rank: int) -> None:
-    marker = Path(c["run_dir"]) / "injected_failure"
-    if c["fail_at_step"] and step == c["fail_at_step"] and rank == 0 and not marker.exists():
-        marker.touch()
-        raise RuntimeError(f"injected failure at step {step}")
-
-
-def _quiet_per_step_report_lines() -> None:
-    """Ray Train logs every report at INFO on the console; progress lines every few steps say enough."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # another Ray version: the lines just stay
-        pass
-
-
-def _report_with_checkpoint(metrics, model, tokenizer, optimizer, step, rank, cfg) -> None:
-    """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all of them)."""
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="distilray-ckpt-") as d:
-        save_checkpoint(Path(d), model, tokenizer, optimizer, {"step": step, "seed": cfg.seed, "model": cfg.model})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:07d}")
 
 
 @torch.no_grad()
@@ -284,14 +234,3 @@ def _validation_ppl(model, c: dict, cfg: TrainLMConfig) -> float:
     return ppl if math.isfinite(ppl) else float("nan")
 
 
-def _tokenizer_files(tokenizer) -> dict[str, bytes]:
-    """The tokenizer's saved files, shipped to workers inside the loop config (no shared disk needed)."""
-    with tempfile.TemporaryDirectory() as d:
-        tokenizer.save_pretrained(d)
-        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
-
-
-def _write_folder(path: Path, files: dict[str, bytes]) -> None:
-    os.makedirs(path, exist_ok=True)
-    for name, data in files.items():
-        (path / name).write_bytes(data)
