@@ -235,8 +235,47 @@ class FitNGramConfig:
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     split: str = "train"
     n: int = 3
+    pseudo_data: str = ""  # instead of the corpus: a distill-drafter pseudo-data folder (target generations)
     num_blocks: int = 8  # corpus shards counted in parallel, then merged
     output_dir: str = "artifacts/drafters/ngram"
+
+
+@dataclass(frozen=True)
+class TrainSeq2SeqConfig:
+    """An encoder-decoder (T5) summarizer on article -> highlights pairs with Ray Train; with `teacher`,
+    a drafter distilled from a T5 target (FastLLM's recipe: divergence at a temperature plus CE)."""
+
+    dataset: str = "cnndm"  # pairs: cnndm (../shared/data) or a .jsonl/.json file with article and highlights fields
+    val_pairs: int = 25  # held out for the validation loss (a seeded split, as the corpus splits documents)
+    test_pairs: int = 25  # held out for benchmarks; never trained on
+    split_seed: int = 0
+    model: str = "t5-mini"  # seq2seq preset (distilray.models.seq2seq_lm.SEQ2SEQ_PRESETS) or HF path / folder
+    tokenizer: str = ""  # empty: the teacher's, else a BPE trained on the corpus (preset) or the model's own
+    vocab_size: int = 4096  # for the trained BPE
+    max_source_tokens: int = 384  # articles are cut to this (eos included)
+    max_target_tokens: int = 96  # summaries are cut to this (eos included)
+    teacher: str = ""  # seq2seq model folder / name: distil from its logits on the same batch
+    loss: str = "fkl"  # with a teacher: fkl | rkl | jsd | tvd
+    temperature: float = 1.0  # of both distributions in the divergence
+    ce_weight: float = 0.0  # weight of cross-entropy on the gold summary added to the divergence
+    batch_size: int = 8  # global, split evenly across workers
+    steps: int = 300
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    num_workers: int = 1
+    cpus_per_worker: int = 0  # 0: this machine's CPUs divided by num_workers (local), 1 on a cluster
+    use_gpu: str = "auto"  # auto | true | false
+    checkpoint_every: int = 100
+    report_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    artifacts_dir: str = "artifacts"
+    name: str = ""  # run name; empty: derived from the model and the config hash
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -278,6 +317,27 @@ class DistillDrafterConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class BenchSpeculativeConfig:
+    """`distilray bench speculative`: every drafter kind, baseline vs distilled, against plain decoding."""
+
+    artifacts_dir: str = "artifacts"
+    eval_data: str = ""  # text for the held-out prompts; empty: the built-in corpus's test split
+    prompts: int = 16  # held-out prompts; the first half picks each drafter's gamma, the second half is reported
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    gammas: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    drafter_steps: int = 300  # training steps of each neural drafter (baseline and distilled alike)
+    distill_loss: str = "fkl"
+    distill_data: str = "corpus"  # corpus | pseudo | on_policy
+    pseudo_sequences: int = 512  # target generations the distilled n-grams are counted on
+    pseudo_temperature: float = 0.7
+    threads: int = 1  # torch threads while timing decoding (the serve replica gets the same)
+    include_t5: bool = True  # the encoder-decoder setting on cnndm (trains its own small T5s)
+    json_out: str = ""
+    seed: int = 0
+
+
 COMMAND_CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
     "train-tokenizer": TrainTokenizerConfig,
@@ -288,10 +348,12 @@ COMMAND_CONFIGS: dict[str, type] = {
     "cdlm-generate": CDLMGenerateConfig,
     "cdlm-ppl": CDLMPerplexityConfig,
     "fit-ngram": FitNGramConfig,
+    "train-seq2seq": TrainSeq2SeqConfig,
     "distill-drafter": DistillDrafterConfig,
     "quickstart": QuickstartConfig,
     "bench-train": BenchTrainConfig,
     "bench-cdlm": BenchCDLMConfig,
+    "bench-speculative": BenchSpeculativeConfig,
 }
 
 
