@@ -37,6 +37,7 @@ JSON_PIPELINES = {"preprocess": "preprocess", "train-tokenizer": "train_tokenize
 BENCHMARKS: dict[str, tuple[str, type]] = {
     "train": ("Ray Train tokens/s against a bare torch loop", C.BenchTrainConfig),
     "cdlm": ("CD-LM: SCD, KCD, verify, extraction and datastore figures", C.BenchCDLMConfig),
+    "speculative": ("speculative decoding: every drafter, baseline vs distilled, HF assisted, serving", C.BenchSpeculativeConfig),
 }
 FLAG_ALIASES = {"json": "json_out"}
 

@@ -113,6 +113,10 @@ class QuickstartConfig:
     cdlm_similarity_threshold: float = 0.9
     cdlm_prompts: int = 8
     cdlm_new_tokens: int = 48
+    spec_distill_steps: int = 150  # the stage-1 drafter, distilled from the target (fkl) for this many steps
+    spec_gamma: int = 4
+    spec_prompts: int = 8
+    spec_new_tokens: int = 48
     seed: int = 0
 
 

@@ -16,7 +16,8 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
         QuickstartConfig,
         None,
         [f"artifacts_dir={tmp_path}", "vocab_size=512", "target_steps=4", "drafter_steps=4", "seq_len=32", "batch_size=4", "sample_tokens=8",
-         "cdlm_tok_prob_threshold=0.01", "cdlm_prompts=2", "cdlm_new_tokens=8", "cdlm_similarity_threshold=0.0"],
+         "cdlm_tok_prob_threshold=0.01", "cdlm_prompts=2", "cdlm_new_tokens=8", "cdlm_similarity_threshold=0.0",
+         "spec_distill_steps=3", "spec_prompts=2", "spec_new_tokens=8"],
     )
     summary = quickstart.run(cfg)
     table = quickstart.format_summary(summary)
@@ -31,6 +32,11 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
     assert cdlm["verify: FPS / same as baseline"].endswith("/ True")  # lossless mode, even on a toy model
     assert (tmp_path / "quickstart" / "cdlm" / "datastore" / "datastore.json").is_file()
     assert json.loads((tmp_path / "quickstart" / "results.json").read_text())["rows"]
+    spec = {figure: value for stage, figure, value in summary["rows"] if stage == "speculative"}
+    for name in ("transformer baseline", "transformer distilled", "trigram"):
+        assert spec[f"{name}: speedup meas / theo"].endswith("(same as plain: True)")  # lossless, every drafter
+    for folder in ("target", "drafters/ngram3", "drafters/transformer-distilled"):  # what serve_config.yaml points at
+        assert (tmp_path / "quickstart" / "speculative" / folder / "config.json").is_file()
 
 
 def test_bench_train_writes_ratios(ray_session, tmp_path):

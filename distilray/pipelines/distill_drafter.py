@@ -147,6 +147,26 @@ def pseudo_data(cfg: DistillDrafterConfig, blocks: np.ndarray, out_dir: Path) ->
     return seqs, {**meta, "reused": False}
 
 
+def _corpus_data(cfg: DistillDrafterConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Packed train blocks # (N, seq_len+1) and the validation stream # (T,)."""
+    splits = corpus.load_splits(cfg.corpus)
+    blocks = pack_tokens(encode_documents(tokenizer, splits["train"]), cfg.seq_len + 1, tokenizer.eos_token_id)
+    val_stream = flat_tokens(encode_documents(tokenizer, splits["validation"]), tokenizer.eos_token_id)[: cfg.eval_tokens + 1]
+    return blocks, val_stream
+
+
+def prepare_pseudo(cfg: DistillDrafterConfig) -> Path:
+    """Only the pseudo-data set of a data=pseudo config (e.g. to count n-grams on); its Parquet folder."""
+    validate(cfg)
+    if cfg.data != "pseudo":
+        raise DistilrayError("prepare_pseudo needs a data=pseudo config")
+    blocks, _ = _corpus_data(cfg, load_tokenizer(cfg.target))
+    ensure_ray()
+    out_dir = output_dir_for(cfg)
+    pseudo_data(cfg, blocks, out_dir)
+    return out_dir / "pseudo"
+
+
 def run(cfg: DistillDrafterConfig) -> dict:
     """Distil (or resume, or reuse from the cache) and return where the drafter went, with figures."""
     validate(cfg)
@@ -159,9 +179,7 @@ def run(cfg: DistillDrafterConfig) -> dict:
     vocab = model_vocab_size(target)
     tokenizer = load_tokenizer(cfg.target)
     del target
-    splits = corpus.load_splits(cfg.corpus)
-    blocks = pack_tokens(encode_documents(tokenizer, splits["train"]), cfg.seq_len + 1, tokenizer.eos_token_id)
-    val_stream = flat_tokens(encode_documents(tokenizer, splits["validation"]), tokenizer.eos_token_id)[: cfg.eval_tokens + 1]
+    blocks, val_stream = _corpus_data(cfg, tokenizer)
     ensure_ray()
     pseudo_meta: dict = {}
     if cfg.data == "pseudo":

@@ -3,7 +3,9 @@
 Stage 1 (foundation): a BPE tokenizer and two causal LMs, a target and a much smaller drafter,
 trained with Ray Train on the built-in corpus; their test perplexity and a sample from each.
 Stage 2 (CD-LM): Ray Data extraction, the sharded datastore, retrieval decoding in three modes.
-Later stages (speculative decoding, ...) add their rows to the same summary.
+Stage 3 (speculative decoding): the stage-1 drafter distilled from the target on Ray Train, a
+trigram counted on Ray Data, and greedy speculative decoding against plain decoding.
+Later stages add their rows to the same summary.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import dataclasses
 import time
 from pathlib import Path
 
-from distilray.config import BuildDatastoreConfig, CDLMGenerateConfig, EvalPPLConfig, ExtractConfig, QuickstartConfig, TrainLMConfig
+from distilray import corpus
+from distilray.config import BuildDatastoreConfig, CDLMGenerateConfig, DistillDrafterConfig, EvalPPLConfig, ExtractConfig, FitNGramConfig, QuickstartConfig, TrainLMConfig
 from distilray.generation import generate_text
 from distilray.io_utils import atomic_write_json, read_json
 from distilray.models.causal_lm import load_causal_lm
-from distilray.pipelines import build_datastore, cdlm_generate, eval_ppl, extract, train_lm, train_tokenizer
+from distilray.pipelines import build_datastore, cdlm_generate, distill_drafter, eval_ppl, extract, fit_ngram, train_lm, train_tokenizer
 from distilray.pipelines.ray_runtime import ensure_ray
-from distilray.tokenizer import load_tokenizer
+from distilray.tokenizer import encode_documents, load_tokenizer
 
 
 def lm_config(cfg: QuickstartConfig, preset: str, steps: int, tokenizer_dir: Path) -> TrainLMConfig:
@@ -75,6 +78,9 @@ def run(cfg: QuickstartConfig) -> dict:
     cdlm_rows, cdlm_artifacts = cdlm_stage(cfg, models["target"]["model_dir"])
     rows += cdlm_rows
     artifacts.update(cdlm_artifacts)
+    spec_rows, spec_artifacts = speculative_stage(cfg, models["target"]["model_dir"], models["drafter"]["model_dir"])
+    rows += spec_rows
+    artifacts.update(spec_artifacts)
 
     results_path = Path(cfg.artifacts_dir).resolve() / "quickstart" / "results.json"
     artifacts["results"] = str(results_path)
@@ -95,10 +101,7 @@ def cdlm_stage(cfg: QuickstartConfig, target_dir: str) -> tuple[list[tuple[str, 
     t0 = time.perf_counter()
     home = Path(cfg.artifacts_dir).resolve() / "quickstart" / "cdlm"
     home.mkdir(parents=True, exist_ok=True)
-    link = home / "model"  # a stable path for serve_config.yaml
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(Path(target_dir).resolve(), target_is_directory=True)
+    _link(home / "model", target_dir)  # a stable path for serve_config.yaml
     ext = extract.run(ExtractConfig(model=target_dir, corpus=cfg.corpus, window=cfg.cdlm_window, stride=cfg.cdlm_stride, min_length=32, output_dir=str(home / "extract")))
     ds = build_datastore.run(BuildDatastoreConfig(extract_dir=ext["output_dir"], tok_prob_threshold=cfg.cdlm_tok_prob_threshold, num_shards=2, output_dir=str(home / "datastore")))
     gen = CDLMGenerateConfig(model=target_dir, datastore=str(home / "datastore"), corpus=cfg.corpus, num_prompts=cfg.cdlm_prompts,
@@ -119,6 +122,57 @@ def cdlm_stage(cfg: QuickstartConfig, target_dir: str) -> tuple[list[tuple[str, 
         (label, "seconds", f"{time.perf_counter() - t0:.1f}"),
     ]
     return rows, {"cdlm datastore": str(home / "datastore"), "cdlm generations": str(home)}
+
+
+def _link(link: Path, target: str | Path) -> None:
+    """A stable path (for serve_config.yaml) pointing at a cached artifact."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path(target).resolve(), target_is_directory=True)
+
+
+def speculative_stage(cfg: QuickstartConfig, target_dir: str, drafter_dir: str) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+    """Distil the stage-1 drafter from the target (fkl, DistillSpec's start from a trained drafter), count a
+    trigram drafter, then decode test prompts greedily: plain vs speculative with each drafter."""
+    import torch
+
+    from distilray.decoding.speculative import theoretical_speedup
+    from distilray.models.drafters import load_drafter
+    from distilray.pipelines.bench_speculative import scan_drafter, step_times
+
+    t0 = time.perf_counter()
+    home = Path(cfg.artifacts_dir).resolve() / "quickstart" / "speculative"
+    distilled = distill_drafter.run(DistillDrafterConfig(
+        target=target_dir, drafter="transformer", init=drafter_dir, loss="fkl", data="corpus", corpus=cfg.corpus, seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size, steps=cfg.spec_distill_steps, lr=5e-4, warmup_steps=10, artifacts_dir=cfg.artifacts_dir, seed=cfg.seed))
+    ngram_dir = home / "drafters" / "ngram3"
+    if not (ngram_dir / "stats.json").is_file():
+        fit_ngram.run(FitNGramConfig(tokenizer=target_dir, corpus=cfg.corpus, n=3, output_dir=str(ngram_dir)))
+    _link(home / "target", target_dir)
+    _link(home / "drafters" / "transformer-baseline", drafter_dir)
+    _link(home / "drafters" / "transformer-distilled", distilled["drafter_dir"])
+
+    tokenizer = load_tokenizer(target_dir)
+    step = 32 + cfg.spec_new_tokens
+    docs = encode_documents(tokenizer, corpus.load_splits(cfg.corpus)["test"])
+    prompts = [d[i : i + 32] for d in docs for i in range(0, len(d) - step, step)][: cfg.spec_prompts]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one-token steps of small models: extra threads only add overhead
+    try:
+        target = load_causal_lm(target_dir, device="cpu", dtype=torch.float32)
+        rows = [("speculative", "drafter distilled (fkl) steps", str(distilled["steps"]))]
+        for name, folder in (("transformer baseline", drafter_dir), ("transformer distilled", distilled["drafter_dir"]), ("trigram", ngram_dir)):
+            drafter = load_drafter(folder)
+            target_s, drafter_s = step_times(target, drafter, prompts[0])
+            scan, same = scan_drafter(target, drafter, prompts, (cfg.spec_gamma,), cfg.spec_new_tokens, drafter_s / target_s)
+            r = scan[cfg.spec_gamma]
+            rows.append(("speculative", f"{name}: alpha / tokens per pass", f"{r['alpha']:.3f} / {r['mean_accepted_length']:.2f}"))
+            rows.append(("speculative", f"{name}: speedup meas / theo", f"{r['speedup_measured']:.2f}x / {theoretical_speedup(max(0.0, min(1.0, r['alpha'])), cfg.spec_gamma, drafter_s / target_s):.2f}x (same as plain: {same})"))
+    finally:
+        torch.set_num_threads(threads)
+    rows.append(("speculative", "seconds", f"{time.perf_counter() - t0:.1f}"))
+    return rows, {"speculative drafters": str(home / "drafters"), "speculative target": str(home / "target")}
 
 
 def format_summary(summary: dict) -> str:

@@ -1,0 +1,244 @@
+"""`distilray bench speculative`: every drafter kind, baseline vs distilled, measured side by side.
+
+- Target: the quickstart's target LM (trained and cached by the same config).
+- Drafters: n-grams (n = 1..4) counted on the corpus (baseline) or on target generations
+  (distilled: the seed's pseudo-dataset); CNN, LSTM and a GPT-2 transformer trained with
+  cross-entropy on the corpus (baseline) or distilled from the target (`distill_loss` on
+  `distill_data`), the same steps for both.
+- Greedy decoding of held-out prompts; for each drafter and gamma: alpha = A / (A + R), mean
+  accepted length, c (drafter step / target step, both cached one-token steps), theoretical speedup
+  E / (gamma c + 1) and measured speedup over plain KV-cached decoding of the same prompts, timed
+  prompt by prompt in alternation. Each drafter's gamma is picked on the first half of the prompts
+  and its figures come from the second half.
+- Peers: transformers' assisted generation with the same target, drafter and gamma.
+- Serving: tokens/s through the Ray Serve endpoint over the same decoding in process.
+- T5 (`include_t5`): the encoder-decoder setting on cnndm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from distilray import corpus
+from distilray.config import BenchSpeculativeConfig, CorpusSpec, DistillDrafterConfig, FitNGramConfig, QuickstartConfig
+from distilray.decoding.speculative import plain_generate, speculative_generate, theoretical_speedup
+from distilray.eval.plots import acceptance_vs_gamma
+from distilray.io_utils import atomic_write_json, read_json
+from distilray.models.causal_lm import count_parameters, load_causal_lm
+from distilray.models.drafters import NEURAL_KINDS, load_drafter, load_drafter_network
+from distilray.pipelines import distill_drafter, fit_ngram, train_lm, train_tokenizer
+from distilray.pipelines.quickstart import lm_config
+from distilray.pipelines.ray_runtime import ensure_ray
+from distilray.tokenizer import encode_documents, load_tokenizer
+
+GOALS = {"best_speedup": 2.0, "distilled_alpha_gain": 0.05, "measured_over_theoretical": 0.85, "hf_assisted.speedup_ours_over_hf": 1.3, "serve.ratio_vs_in_process": 0.8}
+NGRAM_ORDERS = (1, 2, 3, 4)
+
+
+# ------------------------------------------------------------------------------------- artifacts
+def prepare(cfg: BenchSpeculativeConfig) -> tuple[str, dict[str, dict[str, str]]]:
+    """The target folder and drafter folders {name: {"baseline": dir, "distilled": dir}}, trained or cached."""
+    q = QuickstartConfig(artifacts_dir=cfg.artifacts_dir, seed=cfg.seed)
+    tok_dir = train_tokenizer.get_or_train(q.corpus, q.vocab_size, q.artifacts_dir)
+    target_dir = train_lm.run(lm_config(q, q.target_model, q.target_steps, tok_dir))["model_dir"]
+    home = Path(cfg.artifacts_dir).resolve() / "bench_speculative"
+    base = DistillDrafterConfig(target=target_dir, corpus=q.corpus, steps=cfg.drafter_steps, artifacts_dir=cfg.artifacts_dir,
+                                pseudo_sequences=cfg.pseudo_sequences, sample_temperature=cfg.pseudo_temperature, seed=cfg.seed)
+    drafters: dict[str, dict[str, str]] = {}
+    for kind in NEURAL_KINDS:
+        drafters[kind] = {
+            "baseline": distill_drafter.run(dataclasses.replace(base, drafter=kind, loss="ce", data="corpus"))["drafter_dir"],
+            "distilled": distill_drafter.run(dataclasses.replace(base, drafter=kind, loss=cfg.distill_loss, data=cfg.distill_data))["drafter_dir"],
+        }
+    pseudo = distill_drafter.prepare_pseudo(dataclasses.replace(base, drafter="transformer", loss="ce", data="pseudo"))
+    for n in NGRAM_ORDERS:
+        drafters[f"ngram{n}"] = {}
+        for variant, source in (("baseline", ""), ("distilled", str(pseudo))):
+            out = home / f"ngram{n}-{variant}"
+            if not (out / "stats.json").is_file():
+                fit_ngram.run(FitNGramConfig(tokenizer=target_dir, corpus=q.corpus, n=n, pseudo_data=source, output_dir=str(out)))
+            drafters[f"ngram{n}"][variant] = str(out)
+    return target_dir, drafters
+
+
+def held_out_prompts(cfg: BenchSpeculativeConfig, tokenizer) -> list[list[int]]:
+    """Prompts cut from the test split (or --eval-data), spaced so that no prompt overlaps another's answer."""
+    spec = CorpusSpec(dataset=cfg.eval_data) if cfg.eval_data else CorpusSpec()
+    step = cfg.prompt_tokens + cfg.new_tokens
+    docs = encode_documents(tokenizer, corpus.load_splits(spec)["test"])
+    prompts = [d[i : i + cfg.prompt_tokens] for d in docs for i in range(0, len(d) - step, step)]
+    if len(prompts) < 2:
+        raise ValueError(f"the evaluation text yields {len(prompts)} prompts of {cfg.prompt_tokens}+{cfg.new_tokens} tokens; need at least 2")
+    return prompts[: cfg.prompts]
+
+
+# ------------------------------------------------------------------------------------ measuring
+@torch.inference_mode()
+def step_times(target, drafter, prompt: list[int], steps: int = 48) -> tuple[float, float]:
+    """Seconds of one cached single-token step of the target and of the drafter (medians of `steps`)."""
+    out = target(input_ids=torch.tensor([prompt]), use_cache=True)
+    cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+    t_times, d_times = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = target(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+        t_times.append(time.perf_counter() - t0)
+        cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+    drafter.start(list(prompt))
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        d = int(drafter.next_logits().argmax())
+        drafter.push([d])
+        d_times.append(time.perf_counter() - t0)
+    return float(torch.tensor(t_times).median()), float(torch.tensor(d_times).median())
+
+
+def _totals(records) -> dict:
+    tokens = sum(len(r.token_ids) for r in records)
+    accepted = sum(r.accepted for r in records)
+    tested = accepted + sum(r.rejections for r in records)
+    return {
+        "tokens": tokens,
+        "seconds": sum(r.seconds for r in records),
+        "alpha": accepted / tested if tested else float("nan"),
+        "mean_accepted_length": tokens / max(1, sum(r.target_passes for r in records)),
+        "draft_acceptance_rate": accepted / max(1, sum(r.drafted for r in records)),
+    }
+
+
+def scan_drafter(target, drafter, prompts: list[list[int]], gammas: tuple[int, ...], new_tokens: int, c: float) -> tuple[dict[int, dict], bool]:
+    """Per gamma: figures over `prompts`, each prompt decoded plainly and then speculatively (alternating, so
+    drifts in machine load hit both sides alike). Also whether every output equalled plain greedy decoding."""
+    plain, spec = [], {g: [] for g in gammas}
+    identical = True
+    for prompt in prompts:
+        ref = plain_generate(target, prompt, new_tokens)
+        plain.append(ref)
+        for g in gammas:
+            rec = speculative_generate(target, drafter, prompt, new_tokens, gamma=g)
+            identical &= rec.token_ids == ref.token_ids
+            spec[g].append(rec)
+    base = _totals(plain)
+    out = {}
+    for g, records in spec.items():
+        t = _totals(records)
+        alpha = t["alpha"] if math.isfinite(t["alpha"]) else 0.0
+        out[g] = {
+            **{k: t[k] for k in ("alpha", "mean_accepted_length", "draft_acceptance_rate")},
+            "speedup_measured": (base["seconds"] / base["tokens"]) / (t["seconds"] / t["tokens"]),
+            "speedup_theoretical": theoretical_speedup(min(max(alpha, 0.0), 1.0), g, c),
+        }
+    return out, identical
+
+
+def measure_drafter(target, folder: str, prompts: list[list[int]], cfg: BenchSpeculativeConfig) -> dict:
+    drafter = load_drafter(folder)
+    target_s, drafter_s = step_times(target, drafter, prompts[0])
+    c = drafter_s / target_s
+    half = max(1, len(prompts) // 2)
+    tune, _ = scan_drafter(target, drafter, prompts[:half], cfg.gammas, cfg.new_tokens, c)
+    gamma = max(tune, key=lambda g: tune[g]["speedup_measured"])
+    scan, identical = scan_drafter(target, drafter, prompts[half:], cfg.gammas, cfg.new_tokens, c)
+    return {**scan[gamma], "gamma": gamma, "c": c, "target_step_ms": 1e3 * target_s, "drafter_step_ms": 1e3 * drafter_s,
+            "identical_to_plain": identical, "scan": {str(g): v for g, v in scan.items()}}
+
+
+@torch.inference_mode()
+def hf_assisted(target, drafter_dir: str, prompts: list[list[int]], cfg: BenchSpeculativeConfig, gamma: int) -> dict:
+    """Tokens/s of transformers' assisted generation against ours, same pair, same gamma, greedy, alternating."""
+    assistant = load_drafter_network(drafter_dir)
+    assistant.generation_config.num_assistant_tokens = gamma
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    assistant.generation_config.assistant_confidence_threshold = 0.0  # draft exactly gamma, as ours does
+    drafter = load_drafter(drafter_dir)
+    ours_s = hf_s = 0.0
+    tokens = 0
+    same = True
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        t0 = time.perf_counter()
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, do_sample=False,
+                              max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, eos_token_id=None, pad_token_id=0)
+        hf_s += time.perf_counter() - t0
+        rec = speculative_generate(target, drafter, prompt, cfg.new_tokens, gamma=gamma)
+        ours_s += rec.seconds
+        tokens += len(rec.token_ids)
+        same &= out[0, len(prompt):].tolist() == rec.token_ids
+    return {"gamma": gamma, "tokens_per_s_ours": tokens / ours_s, "tokens_per_s_hf": tokens / hf_s, "speedup_ours_over_hf": hf_s / ours_s, "same_tokens": same}
+
+
+# ------------------------------------------------------------------------------------------ run
+def run(cfg: BenchSpeculativeConfig) -> dict:
+    started = time.perf_counter()
+    ensure_ray()
+    target_dir, drafters = prepare(cfg)
+    tokenizer = load_tokenizer(target_dir)
+    prompts = held_out_prompts(cfg, tokenizer)
+    torch.set_num_threads(max(1, cfg.threads))
+    target = load_causal_lm(target_dir, device="cpu", dtype=torch.float32)
+    results: dict[str, dict] = {}
+    for name, variants in drafters.items():
+        results[name] = {variant: measure_drafter(target, folder, prompts, cfg) for variant, folder in variants.items()}
+        for variant, folder in variants.items():
+            results[name][variant]["folder"] = folder
+            if name in NEURAL_KINDS:
+                results[name][variant]["train"] = read_json(Path(folder).parent / "result.json")["val"]
+    best_name, best_variant = max(((n, v) for n in results for v in results[n]), key=lambda nv: results[nv[0]][nv[1]]["speedup_measured"])
+    best = results[best_name][best_variant]
+    eval_half = prompts[max(1, len(prompts) // 2):]
+    hf = hf_assisted(target, drafters["transformer"]["distilled"], eval_half, cfg, results["transformer"]["distilled"]["gamma"])
+    from distilray.pipelines.bench_serve_speculative import serve_vs_in_process
+
+    serve = serve_vs_in_process(target_dir, drafters[best_name][best_variant], [tokenizer.decode(p) for p in eval_half], cfg.new_tokens, best["gamma"])
+    home = Path(cfg.artifacts_dir).resolve() / "bench_speculative"
+    scan = {f"{n} ({v})": {int(g): s for g, s in results[n][v]["scan"].items()} for n in results for v in ("distilled",)}
+    plot = acceptance_vs_gamma(scan, home / "acceptance_vs_gamma.png", f"speculative decoding, target {count_parameters(target):,} params, greedy, held-out prompts")
+    t5 = {}
+    if cfg.include_t5:
+        from distilray.pipelines.bench_speculative_t5 import run_t5
+
+        t5 = run_t5(cfg.artifacts_dir, seed=cfg.seed)
+    gains = {k: results[k]["distilled"]["alpha"] - results[k]["baseline"]["alpha"] for k in NEURAL_KINDS}
+    goals = {
+        "best_speedup": {"value": best["speedup_measured"], "goal": GOALS["best_speedup"], "drafter": f"{best_name} ({best_variant})"},
+        "distilled_alpha_gain": {"value": min(gains.values()), "goal": GOALS["distilled_alpha_gain"], "per_kind": gains},
+        "measured_over_theoretical": {"value": best["speedup_measured"] / best["speedup_theoretical"], "goal": GOALS["measured_over_theoretical"]},
+        "hf_assisted.speedup_ours_over_hf": {"value": hf["speedup_ours_over_hf"], "goal": GOALS["hf_assisted.speedup_ours_over_hf"]},
+        "serve.ratio_vs_in_process": {"value": serve["ratio_vs_in_process"], "goal": GOALS["serve.ratio_vs_in_process"]},
+    }
+    for g in goals.values():
+        g["met"] = bool(g["value"] >= g["goal"])
+    out = {
+        "target": {"model_dir": target_dir, "parameters": count_parameters(target)},
+        "prompts": len(prompts), "new_tokens": cfg.new_tokens, "threads": cfg.threads,
+        "drafters": results, "hf_assisted": hf, "serve": serve, "t5": t5, "goals": goals,
+        "plot": str(plot), "seconds": round(time.perf_counter() - started, 1), "config": dataclasses.asdict(cfg),
+    }
+    if cfg.json_out:
+        atomic_write_json(cfg.json_out, out)
+    return out
+
+
+def format_table(r: dict) -> str:
+    lines = [f"bench speculative: target {r['target']['parameters']:,} params, greedy, {r['prompts']} held-out prompts x {r['new_tokens']} tokens, {r['threads']} thread(s)",
+             f"{'drafter':<12}{'variant':<10}{'gamma':>6}{'alpha':>8}{'tau':>7}{'c':>8}{'S meas':>8}{'S theo':>8}  same"]
+    for name, variants in r["drafters"].items():
+        for variant, d in variants.items():
+            lines.append(f"{name:<12}{variant:<10}{d['gamma']:>6}{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}{d['c']:>8.3f}"
+                         f"{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}  {d['identical_to_plain']}")
+    h, s = r["hf_assisted"], r["serve"]
+    lines.append(f"hf assisted (transformer distilled, gamma {h['gamma']}): ours {h['tokens_per_s_ours']:.0f} tok/s, hf {h['tokens_per_s_hf']:.0f} tok/s, same tokens {h['same_tokens']}")
+    lines.append(f"serve: {s['tokens_per_s_serve']:.0f} tok/s through the endpoint, {s['tokens_per_s_in_process']:.0f} in process")
+    for name, t5 in (r.get("t5") or {}).get("drafters", {}).items():
+        for variant, d in t5.items():
+            lines.append(f"t5 {name:<9}{variant:<10}{d.get('gamma', ''):>6}{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}{d['c']:>8.3f}{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}")
+    lines.append(f"{'goal':<36}{'value':>8}  target")
+    for name, g in r["goals"].items():
+        lines.append(f"{name:<36}{g['value']:>8.3f}  >= {g['goal']}  {'met' if g['met'] else 'NOT met'}")
+    lines.append(f"plot: {r['plot']}")
+    return "\n".join(lines)
