@@ -206,3 +206,10 @@ def test_serve_config() -> None:
     from distilray.serve_apps.retrieval import RetrievalAppArgs
 
     RetrievalAppArgs(**apps["cdlm"]["args"])  # every arg is one the app accepts
+    spec = apps["speculative"]
+    assert spec["import_path"] == "distilray.serve_apps.speculative:app" and spec["route_prefix"] == "/speculative"
+    from distilray.serve_apps.speculative import parse_args
+
+    args = parse_args(spec["args"])  # every arg is one the app accepts, and the values pass its checks
+    assert args.default_drafter in args.drafters and set(args.drafters) == {"ngram3", "transformer"}
+    assert len({a["route_prefix"] for a in apps.values()}) == len(apps)  # one prefix per application

@@ -25,26 +25,34 @@ taken for a query parameter.
 """
 
 import asyncio
-import math
-import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distilray.actors.datastore import DatastoreRouter
 from distilray.cdlm.datastore_files import read_manifest, shard_of
 from distilray.decoding.retrieval import MODES, retrieval_generate
 from distilray.errors import DistilrayError
+from distilray.serve_apps.openai_api import (
+    CompletionFields,
+    budget_checks,
+    completion,
+    first_failed,
+    health,
+    make_api,
+    model_card,
+    or_unavailable,
+    parse_app_args,
+    seed_check,
+    single_choice_checks,
+    temperature_check,
+)
 
 ENV_MODEL = "DISTILRAY_MODEL"
 ENV_DATASTORE = "DISTILRAY_DATASTORE"
@@ -69,21 +77,7 @@ def parse_args(args: dict[str, Any] | RetrievalAppArgs | None) -> RetrievalAppAr
     """Validate builder args; `model`/`datastore` default to $DISTILRAY_MODEL/$DISTILRAY_DATASTORE."""
     if isinstance(args, RetrievalAppArgs):
         return args
-    raw = dict(args or {})
-    for key, env in (("model", ENV_MODEL), ("datastore", ENV_DATASTORE)):
-        if not raw.get(key) and os.environ.get(env):
-            raw[key] = os.environ[env]
-    try:
-        parsed = RetrievalAppArgs.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'args'}: "
-            + ("unknown argument" if e["type"] == "extra_forbidden" else
-               f"required (pass {e['loc'][0]}=PATH or set ${ENV_MODEL if e['loc'][0] == 'model' else ENV_DATASTORE})"
-               if e["type"] == "missing" else e["msg"])
-            for e in exc.errors()
-        )
-        raise DistilrayError(f"bad retrieval app arguments: {problems}") from None
+    parsed = parse_app_args(RetrievalAppArgs, args, {"model": ENV_MODEL, "datastore": ENV_DATASTORE}, "retrieval")
     if parsed.default_mode not in MODES:
         raise DistilrayError(f"default_mode must be one of {', '.join(MODES)}, got {parsed.default_mode!r}")
     if not -1.0 <= parsed.similarity_threshold <= 1.0:
@@ -241,13 +235,10 @@ class TargetDeployment:
 # -- HTTP ingress ----------------------------------------------------------------------------------
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(CompletionFields):
     """OpenAI completions request; `mode` and `similarity_threshold` are distilray's own fields."""
 
-    model: str | None = None  # accepted and ignored: this application serves one model
-    prompt: str
     max_tokens: int = 50
-    temperature: float = 0.0
     seed: int | None = None
     n: int = 1
     stream: bool = False
@@ -255,65 +246,23 @@ class CompletionRequest(BaseModel):
     similarity_threshold: float | None = None
 
 
-def error_response(status: int, message: str, param: str | None = None,
-                   kind: str = "invalid_request_error") -> JSONResponse:
-    """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {first.get('msg')}", None
-    field = ".".join(loc) or None
-    return (f"{field}: {first.get('msg')}" if field else str(first.get("msg"))), field
-
-
-api = FastAPI(title="distilray CD-LM retrieval", description="OpenAI-style completions with chunk retrieval")
-
-
-@api.exception_handler(RequestValidationError)
-async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    message, param = _validation_message(exc)
-    return error_response(400, message, param)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(exc.status_code, str(exc.detail), kind=kind)
+api = make_api(title="distilray CD-LM retrieval", description="OpenAI-style completions with chunk retrieval")
 
 
 def check_request(req: CompletionRequest, defaults: RetrievalAppArgs) -> tuple[str, float] | JSONResponse:
     """(mode, threshold) for a valid request, else the 400 response naming the bad field."""
     mode = req.mode if req.mode is not None else defaults.default_mode
     threshold = req.similarity_threshold if req.similarity_threshold is not None else defaults.similarity_threshold
-    if not req.prompt:
-        return error_response(400, "prompt must be a non-empty string", "prompt")
-    if req.max_tokens < 0:
-        return error_response(400, f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
-    if req.max_tokens > defaults.max_tokens_limit:
-        return error_response(400, f"max_tokens must be <= {defaults.max_tokens_limit} on this server, "
-                                   f"got {req.max_tokens}", "max_tokens")
-    if mode not in MODES:
-        return error_response(400, f"unknown mode {mode!r}; modes: {', '.join(MODES)}", "mode")
-    if not -1.0 <= threshold <= 1.0:  # also rejects NaN
-        return error_response(400, f"similarity_threshold must lie in [-1, 1], got {threshold}",
-                              "similarity_threshold")
-    if not (math.isfinite(req.temperature) and req.temperature >= 0):
-        return error_response(400, f"temperature must be a finite number >= 0, got {req.temperature}", "temperature")
-    if req.seed is not None and not -(2**63) <= req.seed < 2**64:
-        return error_response(400, f"seed must fit in 64 bits, got {req.seed}", "seed")
-    if req.n != 1:
-        return error_response(400, "only n=1 is supported", "n")
-    if req.stream:
-        return error_response(400, "streaming is not supported", "stream")
-    return mode, float(threshold)
+    bad = first_failed(
+        *budget_checks(req, defaults.max_tokens_limit),
+        (mode not in MODES, f"unknown mode {mode!r}; modes: {', '.join(MODES)}", "mode"),
+        (not -1.0 <= threshold <= 1.0,  # also rejects NaN
+         f"similarity_threshold must lie in [-1, 1], got {threshold}", "similarity_threshold"),
+        temperature_check(req.temperature),
+        seed_check(req.seed),
+        *single_choice_checks(req.n, req.stream),
+    )
+    return (mode, float(threshold)) if bad is None else bad
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -332,43 +281,21 @@ class CompletionsIngress:
         if isinstance(checked, JSONResponse):
             return checked
         mode, threshold = checked
-        try:
-            out = await self._target.generate.remote(req.prompt, req.max_tokens, mode, threshold,
-                                                     float(req.temperature), int(req.seed or 0))
-        except Exception as exc:  # replica crash, timeout: this request fails, the service goes on
-            return error_response(500, f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-                                  kind="server_error")
-        if "error" in out:
-            return error_response(400, out["error"])
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": req.model or self._args.model,
-            "choices": [{"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]}],
-            "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                      "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
-            "distilray": out["stats"],
-        }
+        return await completion(lambda: self._target.generate.remote(
+            req.prompt, req.max_tokens, mode, threshold, float(req.temperature), int(req.seed or 0)),
+            req.model or self._args.model)
 
     @api.get("/healthz")
     async def healthz(self) -> Any:
-        try:
-            info = await self._target.info.remote()
-        except Exception as exc:
-            return error_response(503, f"target not ready: {type(exc).__name__}", kind="server_error")
-        return {"status": "ok", **info, "datastore": self._args.datastore}
+        return await health(self._target.info.remote, datastore=self._args.datastore)
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self._args.model, "object": "model", "owned_by": "distilray"}]}
+        return {"object": "list", "data": [model_card(self._args.model)]}
 
     @api.get("/v1/datastore/stats")
     async def datastore_stats(self) -> Any:
-        try:
-            return await self._router.stats.remote()
-        except Exception as exc:
-            return error_response(503, f"datastore unavailable: {type(exc).__name__}", kind="server_error")
+        return await or_unavailable(self._router.stats.remote, "datastore unavailable")
 
 
 def build_app(args: dict) -> serve.Application:

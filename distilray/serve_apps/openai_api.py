@@ -1,0 +1,182 @@
+"""The OpenAI completions-shape request/response/error helpers shared by the Serve apps
+(serve_apps/retrieval.py, serve_apps/speculative.py): builder-argument parsing with environment
+fallbacks, the common request fields and their checks, the error body, the FastAPI app with its error
+handlers, and the completion, health, models and stats bodies.
+
+No `from __future__ import annotations`: the apps' request bodies subclass `CompletionFields`, and
+FastAPI reads annotations at runtime (see serve_apps/retrieval.py).
+"""
+
+import math
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from distilray.errors import DistilrayError
+
+Args = TypeVar("Args", bound=BaseModel)
+
+
+def parse_app_args(model: type[Args], args: dict[str, Any] | None, env: dict[str, str], app: str) -> Args:
+    """Validate a builder's args dict into `model`; a field of `env` (field -> environment variable)
+    missing or empty in `args` comes from that variable. Problems become one DistilrayError."""
+    raw = dict(args or {})
+    for key, var in env.items():
+        if not raw.get(key) and os.environ.get(var):
+            raw[key] = os.environ[var]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {_arg_problem(e, env)}"
+                             for e in exc.errors())
+        raise DistilrayError(f"bad {app} app arguments: {problems}") from None
+
+
+def _arg_problem(error: Any, env: dict[str, str]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown argument"
+    if error["type"] == "missing":
+        key = error["loc"][0]
+        return f"required (pass {key}=PATH or set ${env[key]})" if key in env else f"required (pass {key}=...)"
+    return error["msg"]
+
+
+# -- requests ----------------------------------------------------------------------------------------
+
+
+class CompletionFields(BaseModel):
+    """The fields an OpenAI completions request starts with. An app's request subclasses this and adds
+    its own after them; pydantic validates (and the 400 names the first error) in field order."""
+
+    model: str | None = None  # accepted and echoed: each app serves one model
+    prompt: str
+    max_tokens: int = 16
+    temperature: float = 0.0
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:
+    """The OpenAI error body: {"error": {"message", "type", "param", "code"}}; the type defaults to
+    invalid_request_error below 500, server_error from 500 on."""
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+
+
+Check = tuple[bool, str, str]  # (failed, message, param): one request check, evaluated up front
+
+
+def first_failed(*checks: Check) -> JSONResponse | None:
+    """The 400 naming the first failed check's param, else None."""
+    return next((error_response(400, message, param) for failed, message, param in checks if failed), None)
+
+
+def budget_checks(req: CompletionFields, max_tokens_limit: int) -> list[Check]:
+    """A non-empty prompt, max_tokens within [0, max_tokens_limit]."""
+    return [(not req.prompt, "prompt must be a non-empty string", "prompt"),
+            (req.max_tokens < 0, f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens"),
+            (req.max_tokens > max_tokens_limit,
+             f"max_tokens must be <= {max_tokens_limit} on this server, got {req.max_tokens}", "max_tokens")]
+
+
+def temperature_check(temperature: float) -> Check:
+    return (not (math.isfinite(temperature) and temperature >= 0),
+            f"temperature must be a finite number >= 0, got {temperature}", "temperature")
+
+
+def seed_check(seed: int | None) -> Check:
+    return seed is not None and not -(2**63) <= seed < 2**64, f"seed must fit in 64 bits, got {seed}", "seed"
+
+
+def single_choice_checks(n: int, stream: bool) -> list[Check]:
+    """What these apps do not serve: several choices, streaming."""
+    return [(n != 1, "only n=1 is supported", "n"), (stream, "streaming is not supported", "stream")]
+
+
+# -- the FastAPI app ---------------------------------------------------------------------------------
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('msg')}", None
+    field = ".".join(loc) or None
+    return (f"{field}: {first.get('msg')}" if field else str(first.get("msg"))), field
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = _validation_message(exc)
+    return error_response(400, message, param)
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail))
+
+
+def make_api(title: str, description: str) -> FastAPI:
+    """A FastAPI app whose bad bodies get a 400 and HTTP errors their status, in the OpenAI error shape."""
+    api = FastAPI(title=title, description=description)
+    api.add_exception_handler(RequestValidationError, _on_validation_error)
+    api.add_exception_handler(StarletteHTTPException, _on_http_error)
+    return api
+
+
+# -- responses ---------------------------------------------------------------------------------------
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no NaN
+
+
+async def completion(generate: Callable[[], Awaitable[dict[str, Any]]], model: str,
+                     start: float | None = None) -> Any:
+    """Await the target's generate call and answer in the OpenAI completion shape, its stats as the
+    `distilray` block (plus `request_seconds` since `start` when given). A generate output
+    {"error", "status" (default 400)} becomes that error; a failed call, a 500."""
+    try:
+        out = await generate()
+    except Exception as exc:  # replica crash, timeout: this request fails, the service goes on
+        return error_response(500, f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    if "error" in out:
+        return error_response(out.get("status", 400), out["error"])
+    stats = out["stats"] if start is None else {**out["stats"], "request_seconds": time.perf_counter() - start}
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]}],
+        "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                  "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
+        "distilray": stats,
+    }
+
+
+async def or_unavailable(call: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """The awaited result of `call`, or a 503 "{what}: {exception type}" when it fails."""
+    try:
+        return await call()
+    except Exception as exc:
+        return error_response(503, f"{what}: {type(exc).__name__}")
+
+
+async def health(info: Callable[[], Awaitable[dict[str, Any]]], **extra: Any) -> Any:
+    """GET /healthz: {"status": "ok", **info(), **extra}, or a 503 while the target is not ready."""
+    out = await or_unavailable(info, "target not ready")
+    return out if isinstance(out, JSONResponse) else {"status": "ok", **out, **extra}
+
+
+def model_card(name: str, **extra: Any) -> dict[str, Any]:
+    """One row of GET /v1/models; the body is {"object": "list", "data": [rows]}."""
+    return {"id": name, "object": "model", "owned_by": "distilray", **extra}

@@ -1,0 +1,361 @@
+"""The speculative-decoding endpoint on Ray Serve: real HTTP against 127.0.0.1, tiny GPT-2 target,
+an n-gram drafter and a transformer drafter, each in its own deployment."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pydoc_data.topics
+import pytest
+import requests
+import torch
+
+from distilray.decoding.speculative import MAX_GAMMA, plain_generate, speculative_generate
+from distilray.errors import DistilrayError
+from distilray.serve_apps.speculative import (
+    ENV_DRAFTERS,
+    ENV_TARGET,
+    app,
+    build_app,
+    parse_args,
+)
+from distilray.serve_apps.speculative_drafter import DrafterSessions, RemoteDrafter, socket_calls
+
+pytestmark = pytest.mark.ray
+
+APP_NAME = "speculative-test"
+PROMPTS = ["The for statement is used to iterate over the elements of a sequence",
+           "Exceptions can be raised by the raise statement"]
+CONTEXT = 128  # target context, small so "prompt + max_tokens over the context" is cheap to hit
+MAX_TOKENS_LIMIT = 120
+GEN = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(small_tokenizer, tmp_path_factory):
+    """A saved tiny GPT-2 target + tokenizer; drafters: an n-gram fitted on pydoc text, a copy of the
+    target as a transformer drafter (greedy acceptance ~1, so multi-token steps are exercised), and an
+    n-gram over another vocabulary size."""
+    from distilray.models.causal_lm import build_causal_lm
+    from distilray.models.ngram import NGramDrafter
+    from distilray.tokenizer import encode_documents
+
+    tok, _ = small_tokenizer
+    root = tmp_path_factory.mktemp("serve-spec")
+    torch.manual_seed(0)
+    target = build_causal_lm("tiny", tok, n_positions=CONTEXT).eval()
+    with torch.no_grad():  # peaky: varied greedy text, top-2 gaps far above float rounding
+        for param in target.parameters():
+            param.mul_(5.0)
+    paths = {"target": root / "target", "ngram3": root / "ngram3", "transformer": root / "transformer",
+             "foreign": root / "foreign"}
+    target.save_pretrained(paths["target"])
+    tok.save_pretrained(paths["target"])
+    target.save_pretrained(paths["transformer"])
+    texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:30]]
+    NGramDrafter(3, len(tok)).fit(encode_documents(tok, texts)).save(paths["ngram3"])
+    NGramDrafter(2, len(tok) + 7).fit([[1, 2, 3]]).save(paths["foreign"])
+    eos = tok.eos_token_id
+    want = {p: tok.decode(plain_generate(target, tok(p)["input_ids"], GEN, eos_token_id=eos).token_ids,
+                          skip_special_tokens=True) for p in PROMPTS}
+    return {**{k: str(v) for k, v in paths.items()}, "tok": tok, "model": target, "want": want}
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, artifacts):
+    """The app under route /speculative on a free loopback port; deleted (and Serve stopped if we
+    started it) after. Shares a running Serve instance with the other Serve tests."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    already_running = _get_global_client(raise_if_no_controller_running=False) is not None
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    port = _get_global_client().http_config.port  # an already running Serve keeps its own port
+    drafters = {"ngram3": artifacts["ngram3"], "transformer": artifacts["transformer"]}
+    serve.run(build_app({"target": artifacts["target"], "drafters": drafters, "default_drafter": "ngram3",
+                         "max_tokens_limit": MAX_TOKENS_LIMIT, "num_cpus": 1}),
+              name=APP_NAME, route_prefix="/speculative", blocking=False)
+    yield f"http://127.0.0.1:{port}/speculative"
+    serve.delete(APP_NAME)
+    if not already_running:
+        serve.shutdown()
+    assert ray_session.is_initialized() and ray_session.get(ray_session.put(7)) == 7  # session Ray lives on
+
+
+def _complete(base: str, **body) -> requests.Response:
+    return requests.post(f"{base}/v1/completions", json=body, timeout=120)
+
+
+def _ok(base: str, **body) -> dict:
+    r = _complete(base, **body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _assert_consistent(stats: dict, usage: dict) -> None:
+    n = usage["completion_tokens"]
+    assert stats["generated_tokens"] == n
+    assert 0 <= stats["accepted"] <= stats["drafted"] and stats["rejections"] <= stats["target_passes"]
+    assert stats["mean_accepted_length"] == pytest.approx(n / stats["target_passes"])
+    # every pass emits one target token on top of the accepted drafts (truncation only at the end)
+    assert stats["target_passes"] <= n <= stats["accepted"] + stats["target_passes"]
+    if stats["accepted"] + stats["rejections"]:
+        assert stats["alpha"] == pytest.approx(stats["accepted"] / (stats["accepted"] + stats["rejections"]))
+    if stats["drafted"]:
+        assert stats["draft_acceptance_rate"] == pytest.approx(stats["accepted"] / stats["drafted"])
+    assert stats["seconds"] > 0 and stats["tokens_per_s"] == pytest.approx(n / stats["seconds"])
+    assert stats["request_seconds"] >= stats["seconds"]
+
+
+@pytest.mark.parametrize("drafter", ["ngram3", "transformer", "none"])
+def test_greedy_output_equals_plain_decoding_over_the_wire(server, artifacts, drafter):
+    for prompt in PROMPTS:
+        out = _ok(server, model="m", prompt=prompt, max_tokens=GEN, drafter=drafter, gamma=3)
+        assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and out["model"] == "m"
+        (choice,) = out["choices"]
+        assert choice["text"] == artifacts["want"][prompt]  # lossless through two deployments
+        usage, stats = out["usage"], out["distilray"]
+        assert usage["prompt_tokens"] == len(artifacts["tok"](prompt)["input_ids"])
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert choice["finish_reason"] == ("length" if usage["completion_tokens"] == GEN else "stop")
+        _assert_consistent(stats, usage)
+        assert stats["drafter"] == drafter
+        if drafter == "none":
+            assert stats["drafted"] == stats["drafter_round_trips"] == 0 and stats["gamma"] is None
+            assert stats["target_passes"] == usage["completion_tokens"] and stats["alpha"] is None
+        else:
+            assert stats["gamma"] == 3 and stats["drafted"] > 0
+            # one round trip per step; a last step with nothing left to draft makes none
+            assert stats["target_passes"] - 1 <= stats["drafter_round_trips"] <= stats["target_passes"]
+            assert stats["session_restarts"] == 0 and stats["drafter_transport"] == "socket"  # same node
+            assert 0 <= stats["drafter_seconds"] <= stats["round_trip_seconds"]
+        if drafter == "transformer":  # the target's own copy: every draft accepted
+            assert stats["alpha"] == 1.0 and stats["mean_accepted_length"] > 2
+
+
+def test_sampling_adaptive_gamma_and_stop(server, artifacts):
+    body = dict(prompt=PROMPTS[0], max_tokens=GEN, temperature=1.0, top_p=0.9, seed=5, drafter="ngram3")
+    a, b = _ok(server, **body), _ok(server, **body)
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]  # seeded drafts and tests: reproducible
+    _assert_consistent(a["distilray"], a["usage"])
+    c = _ok(server, **{**body, "drafter": "transformer", "adaptive_gamma": True, "gamma": 2})
+    stats = c["distilray"]
+    _assert_consistent(stats, c["usage"])
+    assert stats["adaptive_gamma"] and stats["alpha"] == 1.0  # p == q: nothing is ever rejected
+    assert stats["drafted"] > 2 * (stats["target_passes"] - 1)  # gamma grew past 2
+    want = artifacts["want"][PROMPTS[0]]
+    cut = want[len(want) // 2 :][:3]  # a stop string from the middle of the greedy text
+    out = _ok(server, prompt=PROMPTS[0], max_tokens=GEN, stop=["@@never@@", cut])
+    assert out["choices"][0]["text"] == want[: want.find(cut)] and out["choices"][0]["finish_reason"] == "stop"
+    assert 0 < out["usage"]["completion_tokens"] < GEN
+
+
+def _assert_error(r: requests.Response, param: str | None = None) -> None:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert err["type"] == "invalid_request_error" and isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_bad_requests_get_4xx_json_and_service_keeps_serving(server):
+    url = f"{server}/v1/completions"
+    r = requests.post(url, data="{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    _assert_error(r)
+    assert "JSON" in r.json()["error"]["message"]
+    p = PROMPTS[0]
+    _assert_error(requests.post(url, json={"max_tokens": 5}, timeout=30), "prompt")
+    _assert_error(_complete(server, prompt=123), "prompt")
+    _assert_error(_complete(server, prompt=""), "prompt")
+    _assert_error(_complete(server, prompt=p, max_tokens="many"), "max_tokens")
+    _assert_error(_complete(server, prompt=p, max_tokens=-1), "max_tokens")
+    r = _complete(server, prompt=p, max_tokens=MAX_TOKENS_LIMIT + 1)
+    _assert_error(r, "max_tokens")
+    assert str(MAX_TOKENS_LIMIT) in r.json()["error"]["message"]
+    _assert_error(_complete(server, prompt=p, gamma=0), "gamma")
+    _assert_error(_complete(server, prompt=p, gamma=MAX_GAMMA + 1), "gamma")
+    _assert_error(_complete(server, prompt=p, gamma=10**6), "gamma")
+    _assert_error(_complete(server, prompt=p, gamma="x"), "gamma")
+    r = _complete(server, prompt=p, drafter="medusa")
+    _assert_error(r, "drafter")
+    assert "medusa" in r.json()["error"]["message"] and "ngram3" in r.json()["error"]["message"]
+    _assert_error(_complete(server, prompt=p, temperature=-0.5), "temperature")
+    _assert_error(_complete(server, prompt=p, top_p=1.5), "top_p")
+    _assert_error(_complete(server, prompt=p, n=2), "n")
+    _assert_error(_complete(server, prompt=p, stream=True), "stream")
+    _assert_error(_complete(server, prompt=p, stop=["a", "b", "c", "d", "e"]), "stop")
+    _assert_error(_complete(server, prompt=p, seed=2**70), "seed")
+    # within max_tokens_limit but over the target's context once the prompt is counted (checked by the target)
+    for drafter in ("ngram3", "none"):
+        r = _complete(server, prompt=p, max_tokens=MAX_TOKENS_LIMIT, drafter=drafter)
+        _assert_error(r)
+        assert "context" in r.json()["error"]["message"] and str(CONTEXT) in r.json()["error"]["message"]
+    _assert_error(requests.get(f"{server}/v1/nowhere", timeout=30))  # 404 in the same JSON shape
+    out = _ok(server, prompt=p, max_tokens=5)  # still serving, with the default drafter
+    assert out["usage"]["completion_tokens"] <= 5 and out["distilray"]["drafter"] == "ngram3"
+
+
+def test_health_models_stats_and_sessions_closed(server, artifacts):
+    r = requests.get(f"{server}/healthz", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.json()["context"] == CONTEXT and r.json()["vocab_size"] == len(artifacts["tok"])
+    models = requests.get(f"{server}/v1/models", timeout=30).json()["data"]
+    assert [m["id"] for m in models] == [artifacts["target"], "ngram3", "transformer"]
+    _ok(server, prompt=PROMPTS[1], max_tokens=8, drafter="ngram3")
+    deadline = time.monotonic() + 20
+    while True:  # end(session) is fire-and-forget: give it a moment
+        stats = requests.get(f"{server}/v1/stats", timeout=30).json()
+        if all(d["sessions"] == 0 for d in stats["drafters"].values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(d["sessions"] == 0 for d in stats["drafters"].values())
+    ngram = stats["drafters"]["ngram3"]
+    assert ngram["kind"] == "ngram" and ngram["steps"] > 0 and ngram["mean_step_ms"] > 0
+    totals = stats["totals"]["ngram3"]
+    assert totals["requests"] >= 1 and 0 <= totals["accepted_tokens"] <= totals["drafted_tokens"]
+    assert totals["target_passes"] <= totals["generated_tokens"]
+    # the same counters reach Prometheus, tagged by drafter (Ray exports them every few seconds)
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = [f"ray_distilray_spec_{k}_total" for k in ("drafted_tokens", "requests", "target_passes")]
+    deadline = time.monotonic() + 45
+    while True:
+        lines = [line for line in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text.splitlines()
+                 if line.startswith("ray_distilray_spec_") and 'drafter="ngram3"' in line]
+        if all(any(line.startswith(w) for line in lines) for w in wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    drafted = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(wanted[0])]
+    assert drafted and max(drafted) > 0, lines
+
+
+def test_remote_drafter_sessions_survive_eviction(artifacts):
+    """The proxy's protocol without Ray: interleaved generations on a drafter that keeps one session
+    resend their state when evicted, and stay lossless."""
+    drafter = DrafterSessions("ngram3", artifacts["ngram3"], max_sessions=1)
+    tok, target = artifacts["tok"], artifacts["model"]
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    proxies = [RemoteDrafter(drafter.step, drafter.end, len(tok)) for _ in PROMPTS]
+    # drive both generations step by step, alternately: each evicts the other's session
+    for proxy, prompt in zip(proxies, ids):
+        proxy.start(prompt)
+        proxy.propose(2, 0.0, 1.0, None)
+    for proxy, prompt in zip(proxies, ids):
+        proxy.rollback(len(prompt) + 1)
+        proxy.push([5])
+        drafts, q = proxy.propose(3, 0.0, 1.0, None)
+        assert len(drafts) == len(q) == 3 and all(float(row[d]) == 1.0 for row, d in zip(q, drafts))
+        assert proxy.length() == len(prompt) + 2 + 3
+    assert proxies[0].restarts == 1 and proxies[1].restarts == 1 and drafter.info()["evicted"] >= 1
+    for prompt in ids:  # and a whole generation through the proxy equals plain decoding
+        want = plain_generate(target, prompt, GEN).token_ids
+        proxy = RemoteDrafter(drafter.step, drafter.end, len(tok))
+        record = speculative_generate(target, proxy, prompt, GEN, gamma=4, temperature=0.0)
+        assert record.token_ids == want and proxy.round_trips <= record.target_passes
+        proxy.close()
+    assert drafter.info()["sessions"] == 0
+
+
+def test_serve_transport_and_reconnect_stay_lossless(server, artifacts):
+    """The Serve handle path (a target on another node, drafter_transport=serve), and a broken
+    connection mid-generation: the proxy reconnects, resends its state and the output is unchanged."""
+    from ray import serve
+
+    from distilray.serve_apps.speculative_drafter import serve_calls
+
+    tok, target = artifacts["tok"], artifacts["model"]
+    step, end = serve_calls(serve.get_deployment_handle("Drafter-ngram3", app_name=APP_NAME))
+    prompt = tok(PROMPTS[1])["input_ids"]
+    want = plain_generate(target, prompt, GEN).token_ids
+    proxy = RemoteDrafter(step, end, len(tok))
+    assert speculative_generate(target, proxy, prompt, GEN, gamma=3).token_ids == want
+    proxy.close()
+    calls = {"n": 0}
+
+    def flaky(*args):  # the third step finds the connection gone
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ConnectionError("drafter connection closed")
+        return step(*args)
+
+    fresh = DrafterSessions("ngram3", artifacts["ngram3"])  # "the replaced replica": knows no session
+    proxy = RemoteDrafter(flaky, end, len(tok), reconnect=lambda: (fresh.step, fresh.end))
+    record = speculative_generate(target, proxy, prompt, GEN, gamma=3)
+    assert record.token_ids == want and proxy.restarts == 1
+    proxy.close()
+    assert fresh.info()["sessions"] == 0
+
+
+def test_loopback_channel_is_exact_and_authenticated(artifacts):
+    """The socket transport returns what a direct call returns, q rows bit for bit, and serves only
+    callers that know the token."""
+    tok = artifacts["tok"]
+    drafter = DrafterSessions("transformer", artifacts["transformer"])
+    channel = drafter.open_channel()
+    step, end = socket_calls(channel["port"], channel["token"])
+    prompt = tok(PROMPTS[0])["input_ids"]
+    remote = step("s1", None, prompt, 3, 0.8, 0.9, 11)
+    direct = drafter.step("s2", None, prompt, 3, 0.8, 0.9, 11)
+    assert remote["drafts"] == direct["drafts"] and remote["q"].dtype == direct["q"].dtype
+    assert (remote["q"] == direct["q"]).all() and remote["q"].shape == (3, len(tok))
+    assert step("s1", len(prompt) + 1, [7], 2, 0.0, 1.0, 0)["drafts"]  # incremental step, greedy: no rows
+    assert "q" not in step("s1", len(prompt), [], 1, 0.0, 1.0, 0)
+    assert step("nobody", 3, [], 1, 0.0, 1.0, 0) == {"unknown_session": True}
+    with pytest.raises(RuntimeError, match="drafter step failed"):  # a failing step: error, channel lives on
+        step("s1", None, [], 1, 0.0, 1.0, 0)
+    end("s1")
+    drafter.end("s2")
+    assert drafter.info()["sessions"] == 0
+    intruder, _ = socket_calls(channel["port"], "wrong-token")
+    with pytest.raises((ConnectionError, OSError)):
+        intruder("s3", None, prompt, 1, 0.0, 1.0, 0)
+    assert drafter.info()["sessions"] == 0
+
+
+def test_foreign_vocabulary_is_refused(artifacts):
+    with pytest.raises(DistilrayError, match=r"drafter 'bad' .* proposes over \d+ tokens but the target"):
+        build_app({"target": artifacts["target"], "drafters": {"ok": artifacts["ngram3"], "bad": artifacts["foreign"]}})
+    with pytest.raises(DistilrayError, match="not a drafter folder"):
+        build_app({"target": artifacts["target"], "drafters": {"gone": artifacts["ngram3"] + "-missing"}})
+
+
+def test_builder_args_and_environment(artifacts, monkeypatch):
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    monkeypatch.delenv(ENV_TARGET, raising=False)
+    monkeypatch.delenv(ENV_DRAFTERS, raising=False)
+    with pytest.raises(DistilrayError, match="target: required"):
+        parse_args({})
+    with pytest.raises(DistilrayError, match="colour: unknown argument"):
+        parse_args({"target": "t", "colour": "red"})
+    with pytest.raises(DistilrayError, match="default_drafter"):
+        parse_args({"target": "t", "drafters": {"a": "x"}, "default_drafter": "b"})
+    with pytest.raises(DistilrayError, match="default_gamma"):
+        parse_args({"target": "t", "default_gamma": 0})
+    with pytest.raises(DistilrayError, match="drafter name"):
+        parse_args({"target": "t", "drafters": {"none": "x"}})
+    with pytest.raises(DistilrayError, match="drafters"):
+        parse_args({"target": "t", "drafters": "{not json"})
+    assert parse_args({"target": "t"}).default_drafter == "none"
+    assert parse_args({"target": "t", "drafters": {"a": "x", "b": "y"}}).default_drafter == "a"
+    # what `serve run distilray.serve_apps.speculative:app target=... drafters='{...}' num_cpus=0.5` does
+    built = call_user_app_builder_with_args_if_necessary(
+        app, {"target": artifacts["target"], "drafters": f'{{"ngram3": "{artifacts["ngram3"]}"}}', "num_cpus": "0.5"})
+    assert isinstance(built, Application)
+    # and with no args at all, the environment names the target and the drafters
+    monkeypatch.setenv(ENV_TARGET, artifacts["target"])
+    monkeypatch.setenv(ENV_DRAFTERS, f'{{"ngram3": "{artifacts["ngram3"]}"}}')
+    parsed = parse_args({})
+    assert parsed.target == artifacts["target"] and parsed.drafters == {"ngram3": artifacts["ngram3"]}
+    assert isinstance(call_user_app_builder_with_args_if_necessary(app, {}), Application)
