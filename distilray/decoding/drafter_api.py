@@ -5,7 +5,8 @@ it as: `start(prompt)`, then per step `next_logits()` / `push([d])` up to gamma 
 `rollback(n + k)` to the accepted length and `push([y])` for the correction or bonus token.
 
 `HFDrafter` implements it for any Hugging Face causal LM with a KV cache (the small-transformer
-drafter, or the target itself for testing); n-gram, CNN and LSTM drafters implement it elsewhere.
+drafter, or the target itself for testing), `HFSeq2SeqDrafter` for an encoder-decoder LM (a small T5
+drafting decoder tokens for a T5 target); n-gram, CNN and LSTM drafters implement it elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from distilray.decoding.seq2seq import check_encoder_ids, decoder_forward, is_encoder_decoder, run_encoder
 from distilray.errors import DistilrayError
 
 
@@ -130,10 +132,39 @@ class HFDrafter:
             self._crop(self._fed - 1)
         if self._fed < len(self._tokens):
             ids = torch.tensor([self._tokens[self._fed :]], dtype=torch.long, device=self.device)  # (1, n)
-            out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
+            out = self._forward(ids)
             self._cache = out.past_key_values
             self.forward_passes += 1
             self._fed = len(self._tokens)
             self._logits = out.logits[0, -1].float()  # (V,)
         assert self._logits is not None
         return self._logits
+
+    def _forward(self, ids: torch.Tensor):
+        """ids (1, n) after the cached tokens -> output with logits (1, n, V) and past_key_values."""
+        return self.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
+
+
+class HFSeq2SeqDrafter(HFDrafter):
+    """`Drafter` over a Hugging Face encoder-decoder LM (e.g. a small T5 for a T5 target).
+
+    The drafter encodes `encoder_ids` (the request's source, tokenized as for the target) once, with
+    its own encoder; the token state is the decoder sequence, whose self-attention cache is cropped on
+    rollback exactly as `HFDrafter` crops a causal cache (EncoderDecoderCache.crop leaves the
+    cross-attention keys of the encoder states alone).
+    """
+
+    def __init__(self, model, encoder_ids: list[int]) -> None:
+        if not is_encoder_decoder(model):
+            raise DistilrayError("HFSeq2SeqDrafter needs an encoder-decoder model; use HFDrafter for a causal LM")
+        check_encoder_ids(model, encoder_ids, who="drafter")
+        super().__init__(model)
+        self.encoder_ids = [int(t) for t in encoder_ids]
+        self.encoder_passes = 0
+        self._encoder_outputs = None  # computed on the first decoder pass, then kept across start()
+
+    def _forward(self, ids: torch.Tensor):
+        if self._encoder_outputs is None:
+            self._encoder_outputs = run_encoder(self.model, self.encoder_ids)  # last_hidden_state (1, S, d)
+            self.encoder_passes += 1
+        return decoder_forward(self.model, self._encoder_outputs, ids, self._cache)

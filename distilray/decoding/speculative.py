@@ -1,5 +1,8 @@
 """Speculative decoding with any `Drafter` and a Hugging Face causal LM target (reference/speculative.md 2-4).
 
+Encoder-decoder targets (T5) work too: pass `encoder_ids` (the source text); the encoder runs once
+and `prompt_ids` is the decoder prefix, usually [decoder_start_token_id] (see decoding/seq2seq.py).
+
 One step: the drafter proposes gamma tokens from its warped distribution q, one target forward pass
 over (uncached tokens + drafts) gives p_1..p_{gamma+1}, drafts are accepted left to right with
 probability min(1, p/q), the first rejection is replaced by a sample from norm(max(0, p - q)) and a
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distilray.decoding.drafter_api import Drafter, check_same_vocab, model_vocab_size
+from distilray.decoding.seq2seq import check_encoder_ids, decoder_forward, run_encoder
 from distilray.errors import DistilrayError
 from distilray.models.causal_lm import check_prompt
 
@@ -87,19 +91,27 @@ def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
 
 
 class _Target:
-    """The target LM and its KV cache: the cache holds every emitted token except the `pending` ones."""
+    """The target LM and its KV cache: the cache holds every emitted token except the `pending` ones.
 
-    def __init__(self, model) -> None:
+    With `encoder_ids` (encoder-decoder targets) the encoder runs once here and the cache is the
+    decoder's EncoderDecoderCache, whose get_seq_length/crop see only the self-attention half.
+    """
+
+    def __init__(self, model, encoder_ids: list[int] | None = None) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.cache = None
         self.passes = 0
+        self.encoder_outputs = run_encoder(model, encoder_ids) if encoder_ids is not None else None
 
     @torch.inference_mode()
     def feed(self, tokens: list[int], keep: int) -> torch.Tensor:
         """One forward over `tokens` (n,) after the cache; returns logits (keep, V) float32 of the last positions."""
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # (1, n)
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        if self.encoder_outputs is not None:
+            out = decoder_forward(self.model, self.encoder_outputs, ids, self.cache)
+        else:
+            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         self.passes += 1
         return out.logits[0, -keep:].float()
@@ -111,7 +123,8 @@ class _Target:
             self.cache.crop(-extra)
 
 
-def _validate(model, prompt_ids: list[int], max_new_tokens: int, gamma: int, temperature: float, top_p: float) -> None:
+def _validate(model, prompt_ids: list[int], max_new_tokens: int, gamma: int, temperature: float, top_p: float,
+              encoder_ids: list[int] | None = None) -> None:
     if not 1 <= gamma <= MAX_GAMMA:
         raise DistilrayError(f"gamma must lie in [1, {MAX_GAMMA}], got {gamma}")
     if not 0.0 <= top_p <= 1.0:  # also rejects NaN
@@ -119,6 +132,7 @@ def _validate(model, prompt_ids: list[int], max_new_tokens: int, gamma: int, tem
     if not temperature >= 0.0:
         raise DistilrayError(f"temperature must be >= 0, got {temperature}")
     check_prompt(model, prompt_ids, max_new_tokens)
+    check_encoder_ids(model, encoder_ids)
 
 
 def sample_token(probs: torch.Tensor, generator: torch.Generator | None) -> int:
@@ -169,13 +183,19 @@ def speculative_generate(
     adaptive_gamma: bool = False,
     gamma_min: int = 1,
     gamma_max: int = 8,
+    encoder_ids: list[int] | None = None,
 ) -> SpecRecord:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens, lossless w.r.t. warp(target, temperature, top_p).
 
     Adaptive gamma adds 1 after a fully accepted block and subtracts 1 after a rejection of the first
     draft, within [gamma_min, gamma_max]. Drafts never run past the token budget.
+    Encoder-decoder target: `encoder_ids` is the source (required), `prompt_ids` the decoder prefix,
+    and the drafter proposes decoder tokens (an `HFSeq2SeqDrafter` holds its own encoding of the source).
     """
-    _validate(target, prompt_ids, max_new_tokens, gamma, temperature, top_p)
+    _validate(target, prompt_ids, max_new_tokens, gamma, temperature, top_p, encoder_ids)
+    own_source = getattr(drafter, "encoder_ids", None)
+    if own_source is not None and encoder_ids is not None and list(own_source) != [int(t) for t in encoder_ids]:
+        raise DistilrayError("the drafter was built for another source text (its encoder_ids differ from the target's)")
     if adaptive_gamma:
         if not 1 <= gamma_min <= gamma_max <= MAX_GAMMA:
             raise DistilrayError(f"need 1 <= gamma_min <= gamma_max <= {MAX_GAMMA}, got {gamma_min}, {gamma_max}")
@@ -185,7 +205,7 @@ def speculative_generate(
     start = time.perf_counter()
     if max_new_tokens == 0:
         return record
-    lm = _Target(target)
+    lm = _Target(target, encoder_ids)
     greedy = temperature == 0
     generator = None if greedy else torch.Generator(device="cpu").manual_seed(seed)
     prompt = [int(t) for t in prompt_ids]
@@ -255,13 +275,17 @@ def plain_generate(
     top_p: float = 1.0,
     seed: int = 0,
     eos_token_id: int | None = None,
+    encoder_ids: list[int] | None = None,
 ) -> SpecRecord:
-    """The KV-cached baseline: one target pass per generated token (the prefill yields the first)."""
-    _validate(target, prompt_ids, max_new_tokens, 1, temperature, top_p)
+    """The KV-cached baseline: one target pass per generated token (the prefill yields the first).
+
+    Encoder-decoder target: `encoder_ids` is the source (encoded once), `prompt_ids` the decoder prefix.
+    """
+    _validate(target, prompt_ids, max_new_tokens, 1, temperature, top_p, encoder_ids)
     record = SpecRecord()
     start = time.perf_counter()
     if max_new_tokens > 0:
-        lm = _Target(target)
+        lm = _Target(target, encoder_ids)
         generator = None if temperature == 0 else torch.Generator(device="cpu").manual_seed(seed)
         pending = [int(t) for t in prompt_ids]
         while True:
