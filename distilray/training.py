@@ -109,13 +109,21 @@ def load_checkpoint_into(directory: Path, model, optimizer) -> dict:
     try:
         weights = load_file(directory / "model.safetensors")
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        # tied output embeddings (HF lm_head, our own drafters' head) are not stored separately
-        if [k for k in missing if not k.endswith("head.weight")] or unexpected:
-            raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        # tied weights (an output head on the input embedding, T5's shared embeddings) are stored once
+        if set(missing) - _tied_keys(model) or unexpected:
+            raise ValueError(f"missing {sorted(set(missing) - _tied_keys(model))[:3]}, unexpected {unexpected[:3]}")
         optimizer.load_state_dict(torch.load(directory / OPTIMIZER_STATE, weights_only=True))
     except Exception as e:  # safetensors, torch and shape errors all mean the same thing here
         raise DistilrayError(f"checkpoint {directory} is corrupt: {str(e).splitlines()[0]}") from None
     return state
+
+
+def _tied_keys(model) -> set[str]:
+    """State-dict keys whose tensor shares its storage with another key's."""
+    by_ptr: dict[int, list[str]] = {}
+    for k, v in model.state_dict().items():
+        by_ptr.setdefault(v.data_ptr(), []).append(k)
+    return {k for keys in by_ptr.values() if len(keys) > 1 for k in keys}
 
 
 class MetricsLog:

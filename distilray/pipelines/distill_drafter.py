@@ -47,13 +47,15 @@ from distilray.pipelines.trainer_runtime import (
     folder_files,
     latest_checkpoint,
     maybe_inject_failure,
-    quiet_per_step_report_lines,
-    report_with_checkpoint,
+    restore_start_step,
+    apply_update,
+    report_step,
+    worker_context,
     saved_files,
     write_folder,
 )
 from distilray.tokenizer import encode_documents, load_tokenizer
-from distilray.training import MetricsLog, batch_rows, flat_tokens, load_checkpoint_into, lr_at, make_optimizer, pack_tokens, read_trainer_state, save_checkpoint
+from distilray.training import MetricsLog, batch_rows, flat_tokens, lr_at, make_optimizer, pack_tokens, read_trainer_state, save_checkpoint
 
 log = logging.getLogger("distilray.distill_drafter")
 
@@ -232,12 +234,7 @@ def run(cfg: DistillDrafterConfig) -> dict:
 # --------------------------------------------------------------------------------- on the workers
 def distill_loop(c: dict) -> None:
     cfg = DistillDrafterConfig(**{**c["cfg"], "corpus": type(DistillDrafterConfig().corpus)(**c["cfg"]["corpus"])})
-    quiet_per_step_report_lines()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(c["threads"])
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(c["threads"], cfg.seed)
 
     tok_dir = write_folder(c["tokenizer_files"], "distilray-tok-")
     tokenizer = load_tokenizer(tok_dir)
@@ -250,13 +247,7 @@ def distill_loop(c: dict) -> None:
         if cfg.drafter == "transformer" and network.config.vocab_size != c["vocab"]:
             network.resize_token_embeddings(c["vocab"])  # the target's logits may be padded past the tokenizer
     optimizer = make_optimizer(network, cfg.lr, cfg.weight_decay)
-    start = 0
-    checkpoint = ray.train.get_checkpoint()  # set after a worker-group restart within this run
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            start = int(load_checkpoint_into(Path(d), network, optimizer)["step"])
-    elif c["resume_dir"]:  # left by an earlier, interrupted run of the same config
-        start = int(load_checkpoint_into(Path(c["resume_dir"]), network, optimizer)["step"])
+    start = restore_start_step(network, optimizer, c["resume_dir"])
     raw = network
     network = ray.train.torch.prepare_model(network)  # DDP when world > 1, and onto the device
     data = torch.from_numpy(np.asarray(ray.get(c["data_ref"])).astype(np.int64))  # (N, seq_len+1)
@@ -271,8 +262,6 @@ def distill_loop(c: dict) -> None:
         maybe_inject_failure(c["run_dir"], c["fail_at_step"], step, rank)
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         batch = data[batch_rows(len(data), cfg.batch_size, step, cfg.seed, rank, world)]  # (b, T+1)
         if n_on_policy:
             batch = _with_drafter_samples(raw, batch, n_on_policy, cfg, step, rank)
@@ -284,12 +273,9 @@ def distill_loop(c: dict) -> None:
             with torch.no_grad():
                 teacher_logits = teacher(input_ids=inputs).logits  # (b, T, V)
             loss = distillation_loss(cfg.loss, teacher_logits, student, cfg.temperature, cfg.ce_weight, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
-        optimizer.step()
+        grad_norm = apply_update(network, optimizer, loss, lr, cfg.grad_clip)
         done = step + 1
-        metrics = {"step": done, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm), "step_s": time.perf_counter() - t0, "parameters": n_params}
+        metrics = {"step": done, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm, "step_s": time.perf_counter() - t0, "parameters": n_params}
         if metrics_log is not None:
             metrics_log.log(done, {k: v for k, v in metrics.items() if k not in ("step", "parameters")})
             if done % print_every == 0 or done == cfg.steps:
@@ -298,11 +284,9 @@ def distill_loop(c: dict) -> None:
         if final:
             val = _validation(teacher, raw, c, cfg) if rank == 0 else {}
             metrics.update({f"val_{k}": v for k, v in val.items()})
-        if final or done % cfg.checkpoint_every == 0:
-            state = {"step": done, "seed": cfg.seed, "drafter": cfg.drafter}
-            report_with_checkpoint(metrics, lambda d: save_checkpoint(d, raw, tokenizer, optimizer, state), done, rank)
-        elif done % cfg.report_every == 0:
-            ray.train.report(metrics)  # every rank, at the same steps (see train-lm)
+        state = {"step": done, "seed": cfg.seed, "drafter": cfg.drafter}
+        report_step(metrics, done, cfg.steps, cfg.checkpoint_every, cfg.report_every, rank,
+                    lambda d: save_checkpoint(d, raw, tokenizer, optimizer, state))
     if metrics_log is not None:
         metrics_log.close()
     for d in (tok_dir, target_dir):

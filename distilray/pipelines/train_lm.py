@@ -35,8 +35,10 @@ from distilray.pipelines.trainer_runtime import (
     fit,
     latest_checkpoint,
     maybe_inject_failure,
-    quiet_per_step_report_lines,
-    report_with_checkpoint,
+    restore_start_step,
+    apply_update,
+    report_step,
+    worker_context,
     saved_files,
     write_folder,
 )
@@ -45,7 +47,6 @@ from distilray.training import (
     MetricsLog,
     batch_rows,
     flat_tokens,
-    load_checkpoint_into,
     lm_loss,
     lr_at,
     make_optimizer,
@@ -152,12 +153,7 @@ def run(cfg: TrainLMConfig, untimed_steps: int = 0) -> dict:
 # --------------------------------------------------------------------------------- on the workers
 def train_loop(c: dict) -> None:
     cfg = TrainLMConfig(**{**c["cfg"], "corpus": type(TrainLMConfig().corpus)(**c["cfg"]["corpus"])})
-    quiet_per_step_report_lines()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(c["threads"])
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(c["threads"], cfg.seed)
 
     tok_dir = write_folder(c["tokenizer_files"], "distilray-tok-")
     tokenizer = load_tokenizer(tok_dir)
@@ -166,13 +162,7 @@ def train_loop(c: dict) -> None:
     else:
         model = load_causal_lm(cfg.model, device="cpu", dtype=torch.float32).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start = 0
-    checkpoint = ray.train.get_checkpoint()  # set after a worker-group restart within this run
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            start = int(load_checkpoint_into(Path(d), model, optimizer)["step"])
-    elif c["resume_dir"]:  # left by an earlier, interrupted run of the same config
-        start = int(load_checkpoint_into(Path(c["resume_dir"]), model, optimizer)["step"])
+    start = restore_start_step(model, optimizer, c["resume_dir"])
     raw_model = model
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1, and onto the device
     blocks = torch.from_numpy(np.asarray(ray.get(c["train_ref"])).astype(np.int64))
@@ -188,21 +178,16 @@ def train_loop(c: dict) -> None:
         maybe_inject_failure(c["run_dir"], c["fail_at_step"], step, rank)
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         rows = batch_rows(len(blocks), cfg.batch_size, step, cfg.seed, rank, world)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = lm_loss(model, blocks[rows].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        grad_norm = apply_update(model, optimizer, loss, lr, cfg.grad_clip)
         loss_value = float(loss.detach())  # this rank's loss; ranks differ only by their batch
         dt = time.perf_counter() - t0
         if step - start >= skip:
             elapsed, timed_steps = elapsed + dt, timed_steps + 1
         done = step + 1
-        metrics = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt, "parameters": n_params}
+        metrics = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt, "parameters": n_params}
         if metrics_log is not None:
             metrics_log.log(done, {k: v for k, v in metrics.items() if k not in ("step", "parameters")})
             if done % print_every == 0 or done == cfg.steps:
@@ -211,13 +196,9 @@ def train_loop(c: dict) -> None:
         if final:
             metrics["mean_tokens_per_s"] = tokens_per_step * timed_steps / elapsed if elapsed else float("nan")
             metrics["val_ppl"] = _validation_ppl(raw_model, c, cfg) if rank == 0 else float("nan")
-        if final or done % cfg.checkpoint_every == 0:
-            state = {"step": done, "seed": cfg.seed, "model": cfg.model}
-            report_with_checkpoint(metrics, lambda d: save_checkpoint(d, raw_model, tokenizer, optimizer, state), done, rank)
-        elif done % cfg.report_every == 0:
-            # A report waits for the controller's next poll (every 2 s), so reporting every step
-            # would throttle a fast loop; every rank reports at the same steps, as Ray Train needs.
-            ray.train.report(metrics)
+        state = {"step": done, "seed": cfg.seed, "model": cfg.model}
+        report_step(metrics, done, cfg.steps, cfg.checkpoint_every, cfg.report_every, rank,
+                    lambda d: save_checkpoint(d, raw_model, tokenizer, optimizer, state))
     if metrics_log is not None:
         metrics_log.close()
     shutil.rmtree(tok_dir, ignore_errors=True)

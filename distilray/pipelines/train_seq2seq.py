@@ -50,13 +50,15 @@ from distilray.pipelines.trainer_runtime import (
     folder_files,
     latest_checkpoint,
     maybe_inject_failure,
-    quiet_per_step_report_lines,
-    report_with_checkpoint,
+    restore_start_step,
+    apply_update,
+    report_step,
+    worker_context,
     saved_files,
     write_folder,
 )
 from distilray.tokenizer import load_tokenizer, vocab_fingerprint
-from distilray.training import OPTIMIZER_STATE, MetricsLog, batch_rows, lr_at, make_optimizer, read_trainer_state, save_checkpoint
+from distilray.training import MetricsLog, batch_rows, load_checkpoint_into, lr_at, make_optimizer, read_trainer_state, save_checkpoint
 
 log = logging.getLogger("distilray.train_seq2seq")
 
@@ -210,12 +212,7 @@ def run(cfg: TrainSeq2SeqConfig) -> dict:
 # --------------------------------------------------------------------------------- on the workers
 def train_loop(c: dict) -> None:
     cfg = TrainSeq2SeqConfig(**c["cfg"])
-    quiet_per_step_report_lines()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(c["threads"])
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(c["threads"], cfg.seed)
 
     tok_dir = write_folder(c["tokenizer_files"], "distilray-tok-")
     tokenizer = load_tokenizer(tok_dir)
@@ -229,13 +226,7 @@ def train_loop(c: dict) -> None:
         teacher = load_seq2seq_lm(teacher_dir or cfg.teacher, device=device, dtype=torch.float32)
         teacher.requires_grad_(False)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start = 0
-    checkpoint = ray.train.get_checkpoint()  # set after a worker-group restart within this run
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            start = restore_checkpoint(Path(d), model, optimizer)
-    elif c["resume_dir"]:  # left by an earlier, interrupted run of the same config
-        start = restore_checkpoint(Path(c["resume_dir"]), model, optimizer)
+    start = restore_start_step(model, optimizer, c["resume_dir"])
     raw_model = model
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1, and onto the device
     src_all = torch.from_numpy(np.asarray(ray.get(c["src_ref"])).astype(np.int64))  # (N, S)
@@ -250,22 +241,17 @@ def train_loop(c: dict) -> None:
         maybe_inject_failure(c["run_dir"], c["fail_at_step"], step, rank)
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         rows = torch.from_numpy(batch_rows(len(src_all), cfg.batch_size, step, cfg.seed, rank, world))
         src, labels = _trim(src_all[rows], labels_all[rows], pad_id)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = seq2seq_loss(model, src.to(device), labels.to(device), pad_id, start_id, teacher,
                                 cfg.loss, cfg.temperature, cfg.ce_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        grad_norm = apply_update(model, optimizer, loss, lr, cfg.grad_clip)
         loss_value = float(loss.detach())  # this rank's loss; ranks differ only by their batch
         if step == start:
             first_loss = loss_value
         done = step + 1
-        metrics = {"step": done, "loss": loss_value, "first_loss": first_loss, "lr": lr, "grad_norm": float(grad_norm),
+        metrics = {"step": done, "loss": loss_value, "first_loss": first_loss, "lr": lr, "grad_norm": grad_norm,
                    "seconds_per_step": time.perf_counter() - t0, "parameters": n_params}
         if metrics_log is not None:
             metrics_log.log(done, {k: v for k, v in metrics.items() if k not in ("step", "parameters", "first_loss")})
@@ -275,11 +261,9 @@ def train_loop(c: dict) -> None:
         if final:
             sources, summaries = ray.get(c["val_ref"])
             metrics["val_loss"] = mean_token_loss(raw_model, sources, summaries, pad_id, start_id) if rank == 0 else float("nan")
-        if final or done % cfg.checkpoint_every == 0:
-            state = {"step": done, "seed": cfg.seed, "model": cfg.model}
-            report_with_checkpoint(metrics, lambda d: save_checkpoint(d, raw_model, tokenizer, optimizer, state), done, rank)
-        elif done % cfg.report_every == 0:
-            ray.train.report(metrics)  # every rank at the same steps, as Ray Train needs
+        state = {"step": done, "seed": cfg.seed, "model": cfg.model}
+        report_step(metrics, done, cfg.steps, cfg.checkpoint_every, cfg.report_every, rank,
+                    lambda d: save_checkpoint(d, raw_model, tokenizer, optimizer, state))
     if metrics_log is not None:
         metrics_log.close()
     for d in (tok_dir, teacher_dir):
@@ -295,21 +279,6 @@ def _trim(src: torch.Tensor, labels: torch.Tensor, pad_id: int) -> tuple[torch.T
 
 
 def restore_checkpoint(directory: Path, model, optimizer) -> int:
-    """Weights and optimizer state from a checkpoint folder, in place; returns its step. Never unpickles code.
-
-    T5 ties its encoder/decoder embeddings and head to `shared`, so save_pretrained stores only that
-    one; every key it leaves out must be one of those ties.
-    """
-    from safetensors.torch import load_file
-
-    state = read_trainer_state(directory)
-    shared = model.get_input_embeddings().weight
-    tied = {k for k, v in model.state_dict().items() if v.data_ptr() == shared.data_ptr()}
-    try:
-        missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
-        if set(missing) - tied or unexpected:
-            raise ValueError(f"missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_STATE, weights_only=True))
-    except Exception as e:  # safetensors, torch and shape errors all mean the same thing here
-        raise DistilrayError(f"checkpoint {directory} is corrupt: {str(e).splitlines()[0]}") from None
-    return int(state["step"])
+    """Weights and optimizer state from a checkpoint folder, in place; returns its step (T5's tied
+    embeddings are stored once; the shared loader allows for that)."""
+    return int(load_checkpoint_into(Path(directory), model, optimizer)["step"])

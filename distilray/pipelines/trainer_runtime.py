@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 import ray.train
+import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_dir
-from distilray.training import read_trainer_state
+from distilray.training import load_checkpoint_into, read_trainer_state
 
 
 def latest_checkpoint(storage: Path) -> Path | None:
@@ -61,6 +62,50 @@ def copy_final_model(result, model_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- on the workers
+def worker_context(threads: int, seed: int) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this Ray Train worker, with torch threads and seed set."""
+    quiet_per_step_report_lines()
+    ctx = ray.train.get_context()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def restore_start_step(model, optimizer, resume_dir: str) -> int:
+    """The step to start from: Ray Train's checkpoint after a worker-group restart within this run,
+    else the one an earlier, interrupted run of the same config left (`resume_dir`), else 0."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            return int(load_checkpoint_into(Path(d), model, optimizer)["step"])
+    if resume_dir:
+        return int(load_checkpoint_into(Path(resume_dir), model, optimizer)["step"])
+    return 0
+
+
+def apply_update(model, optimizer, loss: torch.Tensor, lr: float, grad_clip: float) -> float:
+    """One optimizer step at learning rate `lr` with gradient clipping; returns the gradient norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(grad_norm)
+
+
+def report_step(metrics: dict, done: int, total: int, checkpoint_every: int, report_every: int, rank: int,
+                save: Callable[[Path], None]) -> None:
+    """Checkpoint (and report) every `checkpoint_every` steps and at the end; report alone every `report_every`.
+
+    A report waits for the controller's next poll (every 2 s), so reporting every step would throttle
+    a fast loop; every rank reports at the same steps, as Ray Train needs."""
+    if done == total or done % checkpoint_every == 0:
+        report_with_checkpoint(metrics, save, done, rank)
+    elif done % report_every == 0:
+        ray.train.report(metrics)
+
+
 def report_with_checkpoint(metrics: dict, save: Callable[[Path], None], step: int, rank: int) -> None:
     """Rank 0 writes the checkpoint through `save(dir)`; every rank reports (Ray Train needs all of them)."""
     if rank != 0:
