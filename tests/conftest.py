@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import tempfile
 
 import pytest
@@ -38,3 +40,30 @@ def small_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "bpe512"
     save_tokenizer(train_bpe_tokenizer(docs, vocab_size=512), path)
     return load_tokenizer(path), path
+
+
+@pytest.fixture(scope="session")
+def serve_loopback(ray_session):
+    """`with serve_loopback(app, name, route_prefix) as base_url:` runs a Serve app on a free 127.0.0.1
+    port (or the port of a Serve already running), then deletes it, and stops Serve if it started it."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    @contextlib.contextmanager
+    def deploy(app, name: str, route_prefix: str):
+        already_running = _get_global_client(raise_if_no_controller_running=False) is not None
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free_port = s.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port})
+        port = _get_global_client().http_config.port  # an already running Serve keeps its own port
+        serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+        try:
+            yield f"http://127.0.0.1:{port}{route_prefix}"
+        finally:
+            serve.delete(name)
+            if not already_running:
+                serve.shutdown()
+        assert ray_session.is_initialized() and ray_session.get(ray_session.put(7)) == 7  # session Ray lives on
+
+    return deploy

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -30,12 +29,6 @@ CONTEXT = 128  # model context, small so "prompt + max_tokens over the context" 
 MAX_TOKENS_LIMIT = 120
 CHUNK_LEN = 4
 GEN = 24  # tokens of the greedy continuation the datastore is built from
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +75,11 @@ def artifacts(small_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, artifacts):
+def server(serve_loopback, artifacts):
     """The app under route /cdlm on a free loopback port; deleted (and Serve stopped if we started it) after."""
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    already_running = _get_global_client(raise_if_no_controller_running=False) is not None
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-    port = _get_global_client().http_config.port  # an already running Serve keeps its own port
-    serve.run(build_app({"model": artifacts["model"], "datastore": artifacts["store"],
-                         "max_tokens_limit": MAX_TOKENS_LIMIT, "num_cpus": 1}),
-              name=APP_NAME, route_prefix="/cdlm", blocking=False)
-    yield f"http://127.0.0.1:{port}/cdlm"
-    serve.delete(APP_NAME)
-    if not already_running:
-        serve.shutdown()
-    assert ray_session.is_initialized() and ray_session.get(ray_session.put(7)) == 7  # session Ray lives on
+    app = build_app({"model": artifacts["model"], "datastore": artifacts["store"], "max_tokens_limit": MAX_TOKENS_LIMIT, "num_cpus": 1})
+    with serve_loopback(app, APP_NAME, "/cdlm") as base:
+        yield base
 
 
 def _complete(base: str, **body) -> requests.Response:

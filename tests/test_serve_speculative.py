@@ -3,7 +3,6 @@ an n-gram drafter and a transformer drafter, each in its own deployment."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pydoc_data.topics
@@ -30,12 +29,6 @@ PROMPTS = ["The for statement is used to iterate over the elements of a sequence
 CONTEXT = 128  # target context, small so "prompt + max_tokens over the context" is cheap to hit
 MAX_TOKENS_LIMIT = 120
 GEN = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,24 +62,14 @@ def artifacts(small_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, artifacts):
+def server(serve_loopback, artifacts):
     """The app under route /speculative on a free loopback port; deleted (and Serve stopped if we
     started it) after. Shares a running Serve instance with the other Serve tests."""
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    already_running = _get_global_client(raise_if_no_controller_running=False) is not None
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-    port = _get_global_client().http_config.port  # an already running Serve keeps its own port
     drafters = {"ngram3": artifacts["ngram3"], "transformer": artifacts["transformer"]}
-    serve.run(build_app({"target": artifacts["target"], "drafters": drafters, "default_drafter": "ngram3",
-                         "max_tokens_limit": MAX_TOKENS_LIMIT, "num_cpus": 1}),
-              name=APP_NAME, route_prefix="/speculative", blocking=False)
-    yield f"http://127.0.0.1:{port}/speculative"
-    serve.delete(APP_NAME)
-    if not already_running:
-        serve.shutdown()
-    assert ray_session.is_initialized() and ray_session.get(ray_session.put(7)) == 7  # session Ray lives on
+    app = build_app({"target": artifacts["target"], "drafters": drafters, "default_drafter": "ngram3",
+                     "max_tokens_limit": MAX_TOKENS_LIMIT, "num_cpus": 1})
+    with serve_loopback(app, APP_NAME, "/speculative") as base:
+        yield base
 
 
 def _complete(base: str, **body) -> requests.Response:

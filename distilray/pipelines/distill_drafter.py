@@ -41,17 +41,19 @@ from distilray.models.causal_lm import count_parameters, load_causal_lm
 from distilray.models.drafters import NEURAL_KINDS, build_drafter_network, drafter_kind, load_drafter_network, network_logits
 from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.pipelines.trainer_runtime import (
+    apply_update,
+    config_from_dict,
     copy_final_model,
     fail_at_step_from_env,
     fit,
     folder_files,
     latest_checkpoint,
     maybe_inject_failure,
-    restore_start_step,
-    apply_update,
     report_step,
-    worker_context,
+    restore_start_step,
     saved_files,
+    worker_context,
+    worker_tokenizer,
     write_folder,
 )
 from distilray.tokenizer import encode_documents, load_tokenizer
@@ -233,11 +235,10 @@ def run(cfg: DistillDrafterConfig) -> dict:
 
 # --------------------------------------------------------------------------------- on the workers
 def distill_loop(c: dict) -> None:
-    cfg = DistillDrafterConfig(**{**c["cfg"], "corpus": type(DistillDrafterConfig().corpus)(**c["cfg"]["corpus"])})
+    cfg = config_from_dict(DistillDrafterConfig, c["cfg"])
     rank, world, device = worker_context(c["threads"], cfg.seed)
 
-    tok_dir = write_folder(c["tokenizer_files"], "distilray-tok-")
-    tokenizer = load_tokenizer(tok_dir)
+    tok_dir, tokenizer = worker_tokenizer(c["tokenizer_files"])
     target_dir = write_folder(c["target_files"], "distilray-target-") if c["target_files"] else None
     teacher = load_causal_lm(target_dir or cfg.target, device=device, dtype=torch.float32).requires_grad_(False)
     if c["init_files"]:

@@ -30,17 +30,18 @@ from distilray.models.causal_lm import build_causal_lm, count_parameters, is_pre
 from distilray.pipelines import train_tokenizer
 from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.pipelines.trainer_runtime import (
+    apply_update,
+    config_from_dict,
     copy_final_model,
     fail_at_step_from_env,
     fit,
     latest_checkpoint,
     maybe_inject_failure,
-    restore_start_step,
-    apply_update,
     report_step,
-    worker_context,
+    restore_start_step,
     saved_files,
-    write_folder,
+    worker_context,
+    worker_tokenizer,
 )
 from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
 from distilray.training import (
@@ -152,11 +153,10 @@ def run(cfg: TrainLMConfig, untimed_steps: int = 0) -> dict:
 
 # --------------------------------------------------------------------------------- on the workers
 def train_loop(c: dict) -> None:
-    cfg = TrainLMConfig(**{**c["cfg"], "corpus": type(TrainLMConfig().corpus)(**c["cfg"]["corpus"])})
+    cfg = config_from_dict(TrainLMConfig, c["cfg"])
     rank, world, device = worker_context(c["threads"], cfg.seed)
 
-    tok_dir = write_folder(c["tokenizer_files"], "distilray-tok-")
-    tokenizer = load_tokenizer(tok_dir)
+    tok_dir, tokenizer = worker_tokenizer(c["tokenizer_files"])
     if is_preset(cfg.model):
         model = build_causal_lm(cfg.model, tokenizer, dropout=cfg.dropout, n_positions=max(512, cfg.seq_len))
     else:

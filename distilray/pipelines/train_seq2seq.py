@@ -44,17 +44,19 @@ from distilray.models.seq2seq_lm import (
 from distilray.pipelines import train_tokenizer
 from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.pipelines.trainer_runtime import (
+    apply_update,
+    config_from_dict,
     copy_final_model,
     fail_at_step_from_env,
     fit,
     folder_files,
     latest_checkpoint,
     maybe_inject_failure,
-    restore_start_step,
-    apply_update,
     report_step,
-    worker_context,
+    restore_start_step,
     saved_files,
+    worker_context,
+    worker_tokenizer,
     write_folder,
 )
 from distilray.tokenizer import load_tokenizer, vocab_fingerprint
@@ -211,11 +213,10 @@ def run(cfg: TrainSeq2SeqConfig) -> dict:
 
 # --------------------------------------------------------------------------------- on the workers
 def train_loop(c: dict) -> None:
-    cfg = TrainSeq2SeqConfig(**c["cfg"])
+    cfg = config_from_dict(TrainSeq2SeqConfig, c["cfg"])
     rank, world, device = worker_context(c["threads"], cfg.seed)
 
-    tok_dir = write_folder(c["tokenizer_files"], "distilray-tok-")
-    tokenizer = load_tokenizer(tok_dir)
+    tok_dir, tokenizer = worker_tokenizer(c["tokenizer_files"])
     if is_seq2seq_preset(cfg.model):
         model = build_seq2seq_lm(cfg.model, tokenizer, dropout=cfg.dropout)
     else:

@@ -4,10 +4,12 @@ workers, and ship small folders (tokenizers, models) to workers without a shared
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
+import typing
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_dir
+from distilray.tokenizer import load_tokenizer
 from distilray.training import load_checkpoint_into, read_trainer_state
 
 
@@ -62,6 +65,18 @@ def copy_final_model(result, model_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- on the workers
+def config_from_dict(cls: type, values: dict):
+    """Rebuild a frozen config shipped as `dataclasses.asdict` (nested sections included)."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: config_from_dict(hints[k], v) if dataclasses.is_dataclass(hints[k]) else v for k, v in values.items()})
+
+
+def worker_tokenizer(files: dict[str, bytes]):
+    """(folder, tokenizer) from tokenizer files shipped in the loop config; remove the folder when done."""
+    folder = write_folder(files, "distilray-tok-")
+    return folder, load_tokenizer(folder)
+
+
 def worker_context(threads: int, seed: int) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this Ray Train worker, with torch threads and seed set."""
     quiet_per_step_report_lines()
