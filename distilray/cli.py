@@ -105,7 +105,7 @@ def dispatch(command: str, cfg) -> int:
         result = train_lm.run(cfg)
         _print_json({k: v for k, v in result.items() if k != "config"})
     elif command.startswith("bench:"):
-        module = importlib.import_module(f"distilray.pipelines.bench_{command.split(':')[1]}")
+        module = importlib.import_module(f"distilray.bench.{command.split(':')[1]}")
         results = module.run(cfg)
         print(module.format_table(results))
         if cfg.json_out:

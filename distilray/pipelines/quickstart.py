@@ -139,7 +139,7 @@ def speculative_stage(cfg: QuickstartConfig, target_dir: str, drafter_dir: str) 
 
     from distilray.decoding.speculative import theoretical_speedup
     from distilray.models.drafters import load_drafter
-    from distilray.pipelines.bench_speculative import scan_drafter, step_times
+    from distilray.eval.speculative_speed import scan_drafter, step_times
 
     t0 = time.perf_counter()
     home = Path(cfg.artifacts_dir).resolve() / "quickstart" / "speculative"

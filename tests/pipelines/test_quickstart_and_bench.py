@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from distilray.config import BenchTrainConfig, QuickstartConfig, load_config
-from distilray.pipelines import bench_train, quickstart
+from distilray.bench import train as bench_train
+from distilray.pipelines import quickstart
 
 pytestmark = pytest.mark.ray
 

@@ -8,7 +8,8 @@ from distilray.decoding.drafter_api import HFDrafter
 from distilray.eval.plots import acceptance_vs_gamma
 from distilray.models.causal_lm import build_causal_lm
 from distilray.models.ngram import NGramDrafter
-from distilray.pipelines.bench_speculative import held_out_prompts, scan_drafter, step_times, verify_cost
+from distilray.bench.speculative import held_out_prompts
+from distilray.eval.speculative_speed import scan_drafter, step_times, verify_cost
 
 
 @pytest.fixture(scope="module")

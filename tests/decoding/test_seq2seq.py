@@ -194,7 +194,7 @@ def test_build_save_load_roundtrip(setup, tmp_path):
 
 def test_bench_measurement_reports_every_drafter(setup):
     """run_t5's measuring half on untrained models: every figure present, outputs identical to plain."""
-    from distilray.pipelines.bench_speculative_t5 import _measure, format_t5_table
+    from distilray.bench.speculative_t5 import _measure, format_t5_table
 
     _, target, drafter_model, sources, start, ngram = setup
     drafters = {"ngram3": {"baseline": lambda src: ngram}, "t5": {"baseline": lambda src: HFSeq2SeqDrafter(drafter_model, src)}}

@@ -5,7 +5,7 @@ import torch
 
 from distilray.config import BenchCDLMConfig
 from distilray.models.causal_lm import build_causal_lm
-from distilray.pipelines import bench_cdlm
+from distilray.bench import cdlm as bench_cdlm
 
 pytestmark = pytest.mark.ray
 

@@ -26,7 +26,8 @@ import torch
 
 from distilray import corpus
 from distilray.config import BenchSpeculativeConfig, CorpusSpec, DistillDrafterConfig, FitNGramConfig, QuickstartConfig
-from distilray.decoding.speculative import plain_generate, speculative_generate, theoretical_speedup
+from distilray.decoding.speculative import speculative_generate
+from distilray.eval.speculative_speed import scan_drafter, step_times, verify_cost
 from distilray.eval.plots import acceptance_vs_gamma
 from distilray.io_utils import atomic_write_json, read_json
 from distilray.models.causal_lm import count_parameters, load_causal_lm
@@ -75,91 +76,6 @@ def held_out_prompts(cfg: BenchSpeculativeConfig, tokenizer) -> list[list[int]]:
     if len(prompts) < 2:
         raise ValueError(f"the evaluation text yields {len(prompts)} prompts of {cfg.prompt_tokens}+{cfg.new_tokens} tokens; need at least 2")
     return prompts[: cfg.prompts]
-
-
-# ------------------------------------------------------------------------------------ measuring
-@torch.inference_mode()
-def step_times(target, drafter, prompt: list[int], steps: int = 48) -> tuple[float, float]:
-    """Seconds of one cached single-token step of the target and of the drafter (medians of `steps`)."""
-    out = target(input_ids=torch.tensor([prompt]), use_cache=True)
-    cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-    t_times, d_times = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = target(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
-        t_times.append(time.perf_counter() - t0)
-        cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-    drafter.start(list(prompt))
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        d = int(drafter.next_logits().argmax())
-        drafter.push([d])
-        d_times.append(time.perf_counter() - t0)
-    return float(torch.tensor(t_times).median()), float(torch.tensor(d_times).median())
-
-
-@torch.inference_mode()
-def verify_cost(target, prompt: list[int], gammas: tuple[int, ...], repeats: int = 24) -> dict[int, float]:
-    """v(gamma) = time of one cached target pass over gamma + 1 tokens / time over 1 token (medians).
-
-    The i.i.d. theory prices a verification pass like a one-token step (true where decoding is
-    memory-bound, as on a GPU); on a small CPU model compute grows with the tokens, and this ratio
-    is what the measured speedup pays on top."""
-    out = target(input_ids=torch.tensor([prompt]), use_cache=True)
-    cache = out.past_key_values
-
-    def median_pass(n: int) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            target(input_ids=torch.tensor([prompt[-n:] if n <= len(prompt) else [prompt[-1]] * n]), past_key_values=cache, use_cache=True)
-            times.append(time.perf_counter() - t0)
-            cache.crop(-n)  # drop what this pass appended (a negative count, transformers 5.x)
-        return float(torch.tensor(times).median())
-
-    one = median_pass(1)
-    return {g: median_pass(g + 1) / one for g in gammas}
-
-
-def _totals(records) -> dict:
-    tokens = sum(len(r.token_ids) for r in records)
-    accepted = sum(r.accepted for r in records)
-    tested = accepted + sum(r.rejections for r in records)
-    return {
-        "tokens": tokens,
-        "seconds": sum(r.seconds for r in records),
-        "alpha": accepted / tested if tested else float("nan"),
-        "mean_accepted_length": tokens / max(1, sum(r.target_passes for r in records)),
-        "draft_acceptance_rate": accepted / max(1, sum(r.drafted for r in records)),
-    }
-
-
-def scan_drafter(target, drafter, prompts: list[list[int]], gammas: tuple[int, ...], new_tokens: int, c: float,
-                 verify: dict[int, float] | None = None) -> tuple[dict[int, dict], bool]:
-    """Per gamma: figures over `prompts`, each prompt decoded plainly and then speculatively (alternating, so
-    drifts in machine load hit both sides alike). Also whether every output equalled plain greedy decoding."""
-    plain, spec = [], {g: [] for g in gammas}
-    identical = True
-    for prompt in prompts:
-        ref = plain_generate(target, prompt, new_tokens)
-        plain.append(ref)
-        for g in gammas:
-            rec = speculative_generate(target, drafter, prompt, new_tokens, gamma=g)
-            identical &= rec.token_ids == ref.token_ids
-            spec[g].append(rec)
-    base = _totals(plain)
-    out = {}
-    for g, records in spec.items():
-        t = _totals(records)
-        alpha = t["alpha"] if math.isfinite(t["alpha"]) else 0.0
-        out[g] = {
-            **{k: t[k] for k in ("alpha", "mean_accepted_length", "draft_acceptance_rate")},
-            "speedup_measured": (base["seconds"] / base["tokens"]) / (t["seconds"] / t["tokens"]),
-            "speedup_theoretical": theoretical_speedup(min(max(alpha, 0.0), 1.0), g, c),
-        }
-        if verify:  # the same formula with the verification pass priced as measured: E / (gamma c + v)
-            out[g]["speedup_theoretical_verify_cost"] = out[g]["speedup_theoretical"] * (g * c + 1) / (g * c + verify[g])
-    return out, identical
 
 
 def measure_drafter(target, folder: str, prompts: list[list[int]], cfg: BenchSpeculativeConfig, verify: dict[int, float]) -> dict:
@@ -219,7 +135,7 @@ def run(cfg: BenchSpeculativeConfig) -> dict:
     best = results[best_name][best_variant]
     eval_half = prompts[max(1, len(prompts) // 2):]
     hf = hf_assisted(target, drafters["transformer"]["distilled"], eval_half, cfg, results["transformer"]["distilled"]["gamma"])
-    from distilray.pipelines.bench_serve_speculative import serve_vs_in_process
+    from distilray.bench.serve_speculative import serve_vs_in_process
 
     serve = serve_vs_in_process(target_dir, drafters[best_name][best_variant], [tokenizer.decode(p) for p in eval_half], cfg.new_tokens, best["gamma"])
     home = Path(cfg.artifacts_dir).resolve() / "bench_speculative"
@@ -227,7 +143,7 @@ def run(cfg: BenchSpeculativeConfig) -> dict:
     plot = acceptance_vs_gamma(scan, home / "acceptance_vs_gamma.png", f"speculative decoding, target {count_parameters(target):,} params, greedy, held-out prompts")
     t5 = {}
     if cfg.include_t5:
-        from distilray.pipelines.bench_speculative_t5 import run_t5
+        from distilray.bench.speculative_t5 import run_t5
 
         t5 = run_t5(cfg.artifacts_dir, seed=cfg.seed)
     # alpha depends a little on gamma in practice, so both variants are compared at one fixed gamma

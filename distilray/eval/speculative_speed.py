@@ -1,0 +1,96 @@
+"""Measuring speculative decoding: per-step costs of target and drafter, the verification-pass cost,
+and a scan of one drafter over gammas against plain decoding (prompts alternate between the two, so
+that drifts in machine load hit both sides alike). Used by `bench speculative` and the quickstart."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from distilray.decoding.speculative import plain_generate, speculative_generate, theoretical_speedup
+
+
+@torch.inference_mode()
+def step_times(target, drafter, prompt: list[int], steps: int = 48) -> tuple[float, float]:
+    """Seconds of one cached single-token step of the target and of the drafter (medians of `steps`)."""
+    out = target(input_ids=torch.tensor([prompt]), use_cache=True)
+    cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+    t_times, d_times = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = target(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+        t_times.append(time.perf_counter() - t0)
+        cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+    drafter.start(list(prompt))
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        d = int(drafter.next_logits().argmax())
+        drafter.push([d])
+        d_times.append(time.perf_counter() - t0)
+    return float(torch.tensor(t_times).median()), float(torch.tensor(d_times).median())
+
+
+@torch.inference_mode()
+def verify_cost(target, prompt: list[int], gammas: tuple[int, ...], repeats: int = 24) -> dict[int, float]:
+    """v(gamma) = time of one cached target pass over gamma + 1 tokens / time over 1 token (medians).
+
+    The i.i.d. theory prices a verification pass like a one-token step (true where decoding is
+    memory-bound, as on a GPU); on a small CPU model compute grows with the tokens, and this ratio
+    is what the measured speedup pays on top."""
+    out = target(input_ids=torch.tensor([prompt]), use_cache=True)
+    cache = out.past_key_values
+
+    def median_pass(n: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            target(input_ids=torch.tensor([prompt[-n:] if n <= len(prompt) else [prompt[-1]] * n]), past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t0)
+            cache.crop(-n)  # drop what this pass appended (a negative count, transformers 5.x)
+        return float(torch.tensor(times).median())
+
+    one = median_pass(1)
+    return {g: median_pass(g + 1) / one for g in gammas}
+
+
+def _totals(records) -> dict:
+    tokens = sum(len(r.token_ids) for r in records)
+    accepted = sum(r.accepted for r in records)
+    tested = accepted + sum(r.rejections for r in records)
+    return {
+        "tokens": tokens,
+        "seconds": sum(r.seconds for r in records),
+        "alpha": accepted / tested if tested else float("nan"),
+        "mean_accepted_length": tokens / max(1, sum(r.target_passes for r in records)),
+        "draft_acceptance_rate": accepted / max(1, sum(r.drafted for r in records)),
+    }
+
+
+def scan_drafter(target, drafter, prompts: list[list[int]], gammas: tuple[int, ...], new_tokens: int, c: float,
+                 verify: dict[int, float] | None = None) -> tuple[dict[int, dict], bool]:
+    """Per gamma: figures over `prompts`, each prompt decoded plainly and then speculatively (alternating, so
+    drifts in machine load hit both sides alike). Also whether every output equalled plain greedy decoding."""
+    plain, spec = [], {g: [] for g in gammas}
+    identical = True
+    for prompt in prompts:
+        ref = plain_generate(target, prompt, new_tokens)
+        plain.append(ref)
+        for g in gammas:
+            rec = speculative_generate(target, drafter, prompt, new_tokens, gamma=g)
+            identical &= rec.token_ids == ref.token_ids
+            spec[g].append(rec)
+    base = _totals(plain)
+    out = {}
+    for g, records in spec.items():
+        t = _totals(records)
+        alpha = t["alpha"] if math.isfinite(t["alpha"]) else 0.0
+        out[g] = {
+            **{k: t[k] for k in ("alpha", "mean_accepted_length", "draft_acceptance_rate")},
+            "speedup_measured": (base["seconds"] / base["tokens"]) / (t["seconds"] / t["tokens"]),
+            "speedup_theoretical": theoretical_speedup(min(max(alpha, 0.0), 1.0), g, c),
+        }
+        if verify:  # the same formula with the verification pass priced as measured: E / (gamma c + v)
+            out[g]["speedup_theoretical_verify_cost"] = out[g]["speedup_theoretical"] * (g * c + 1) / (g * c + verify[g])
+    return out, identical
