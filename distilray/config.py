@@ -1,22 +1,42 @@
-"""Typed, frozen configs: one dataclass per command, a YAML file plus `key=value` overrides.
+"""Typed, frozen configs: one dataclass per command, composed of reusable sections, read from a YAML
+file plus `key=value` overrides.
 
-    cfg = load_config(TrainLMConfig, "configs/train_lm_small.yaml", ["steps=50", "corpus.dataset=wikitext2"])
+    cfg = load_config(TrainLMConfig, "configs/train_lm_small.yaml", ["steps=50", "optim.lr=3e-4"])
+    cfg = config_from(TrainLMConfig, model="tiny", steps=50, lr=3e-4)   # in code; `lr` is `optim.lr`
 
-Nested dataclasses are addressed with dotted keys. An unknown key is an error that names it and
-lists the keys that do exist; a value of the wrong type is an error that names the key.
+Sections are addressed with dotted keys (`optim.lr`, `scale.num_workers`, `corpus.dataset`), or flat
+where only one section has the key. An unknown key is an error that names it and lists the keys that
+exist; a value of the wrong type, or a choice outside its `Literal`, is an error that names the key.
+What enters an artifact's cache key is decided by one rule (config_loading.cache_key_fields): every
+field but the run-only ones; the `scale` and `checkpoint` sections never do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 # the loader lives beside the configs; these names are part of this module's interface
-from distilray.config_loading import _all_keys, config_hash, config_to_dict, load_config  # noqa: F401
+from distilray.config_loading import (  # noqa: F401
+    Config,
+    all_keys,
+    choice,
+    cache_key_fields,
+    config_from,
+    config_hash,
+    config_to_dict,
+    load_config,
+    replace_keys,
+    run_only,
+)
+
+UseGPU = Literal["auto", "true", "false"]
+Divergence = Literal["fkl", "rkl", "jsd", "tvd"]
 
 
 # --------------------------------------------------------------------------------------- pieces
 @dataclass(frozen=True)
-class CorpusSpec:
+class CorpusSpec(Config):
     """Where text comes from and how it is split (see distilray.corpus)."""
 
     dataset: str = "pydoc"  # built-in name, ../shared/data name, local file/folder, or hf:NAME[:CONFIG]
@@ -26,15 +46,47 @@ class CorpusSpec:
     split_seed: int = 0
 
 
+@dataclass(frozen=True)
+class OptimConfig(Config):
+    """AdamW (decay on matrices only) with linear warm-up, then cosine decay to `min_lr_ratio * lr`."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class ScaleConfig(Config):
+    """How a Ray Train run is spread; never part of an artifact's cache key."""
+
+    RUN_ONLY: ClassVar[bool] = True
+    num_workers: int = 1  # data-parallel workers; the global batch splits evenly across them
+    cpus_per_worker: int = 0  # 0: this machine's CPUs divided by num_workers (local), 1 on a cluster
+    use_gpu: UseGPU = "auto"  # auto: GPUs when the cluster has any
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(Config):
+    """When a Ray Train run checkpoints and reports; never part of an artifact's cache key."""
+
+    RUN_ONLY: ClassVar[bool] = True
+    every: int = 100  # steps between checkpoints (flat key: checkpoint_every); the last step always checkpoints
+    report_every: int = 50  # Ray Train reports; metrics.csv and TensorBoard get every step
+    keep: int = 2  # checkpoints kept on disk (flat key: keep_checkpoints)
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint before giving up
+
+
 # ------------------------------------------------------------------------------------- commands
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(Config):
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     output_dir: str = "data/preprocessed"
 
 
 @dataclass(frozen=True)
-class TrainTokenizerConfig:
+class TrainTokenizerConfig(Config):
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     vocab_size: int = 4096
     min_frequency: int = 2
@@ -43,7 +95,9 @@ class TrainTokenizerConfig:
 
 
 @dataclass(frozen=True)
-class TrainLMConfig:
+class TrainLMConfig(Config):
+    """`train-lm`: a causal LM trained with Ray Train (DDP)."""
+
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     model: str = "mini"  # size preset (distilray.models.causal_lm.PRESETS) or a HF path / local folder
     tokenizer: str = ""  # HF path / local folder; empty: a BPE trained on the corpus (cached)
@@ -51,27 +105,18 @@ class TrainLMConfig:
     seq_len: int = 128
     batch_size: int = 16  # global, split evenly across workers
     steps: int = 300
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
     dropout: float = 0.0
-    num_workers: int = 1
-    cpus_per_worker: int = 0  # 0: this machine's CPUs divided by num_workers (local), 1 on a cluster
-    use_gpu: str = "auto"  # auto | true | false
-    checkpoint_every: int = 100
-    report_every: int = 50  # Ray Train reports; metrics.csv and TensorBoard get every step
-    keep_checkpoints: int = 2
-    max_failures: int = 1  # worker-group restarts from the latest checkpoint before giving up
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval_max_tokens: int = 50_000  # validation tokens for the final perplexity
-    artifacts_dir: str = "artifacts"
-    name: str = ""  # run name; empty: derived from the model and the config hash
+    artifacts_dir: str = run_only("artifacts")
+    name: str = run_only("")  # run name; empty: derived from the model and the config hash
     seed: int = 0
 
 
 @dataclass(frozen=True)
-class EvalPPLConfig:
+class EvalPPLConfig(Config):
     model: str = ""  # HF path / local save_pretrained folder (required)
     tokenizer: str = ""  # empty: the model's folder
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
@@ -84,7 +129,7 @@ class EvalPPLConfig:
 
 
 @dataclass(frozen=True)
-class QuickstartConfig:
+class QuickstartConfig(Config):
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     artifacts_dir: str = "artifacts"
     vocab_size: int = 4096
@@ -111,7 +156,7 @@ class QuickstartConfig:
 
 
 @dataclass(frozen=True)
-class BenchTrainConfig:
+class BenchTrainConfig(Config):
     model: str = "mini"
     vocab_size: int = 4096
     seq_len: int = 128
@@ -126,7 +171,7 @@ class BenchTrainConfig:
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(Config):
     """CD-LM step 2: token probabilities (datastore model) and hidden states (generation model)."""
 
     model: str = ""  # generation model: its hidden states become the keys (required)
@@ -141,14 +186,14 @@ class ExtractConfig:
     batch_size: int = 8
     num_actors: int = 1
     cpus_per_actor: int = 0  # 0: the machine's CPUs divided by num_actors (local), 1 on a cluster
-    use_gpu: str = "auto"
+    use_gpu: UseGPU = "auto"
     save_hidden: bool = True
     max_windows: int = 0  # 0: all
     output_dir: str = "artifacts/extract"
 
 
 @dataclass(frozen=True)
-class BuildDatastoreConfig:
+class BuildDatastoreConfig(Config):
     """CD-LM steps 3-4: mine chunks from an extraction and write the sharded key/chunk datastore."""
 
     extract_dir: str = "artifacts/extract/train"  # a finished `distilray extract` split folder
@@ -159,7 +204,7 @@ class BuildDatastoreConfig:
 
 
 @dataclass(frozen=True)
-class CDLMGenerateConfig:
+class CDLMGenerateConfig(Config):
     """CD-LM step 5: generation with the datastore (the seed's eval.py), one JSON per prompt."""
 
     model: str = ""  # generation model (required)
@@ -168,7 +213,7 @@ class CDLMGenerateConfig:
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     num_prompts: int = 20
     prompt_tokens: int = 32
-    mode: str = "paper"  # paper (append chunks unverified) | verify (lossless) | baseline
+    mode: Literal["paper", "verify", "baseline"] = "paper"  # paper: append chunks unverified; verify: lossless
     gen_baseline_only: bool = False  # the seed's flag: same as mode=baseline
     similarity_threshold: float = 0.5
     max_new_tokens: int = 50
@@ -178,7 +223,7 @@ class CDLMGenerateConfig:
 
 
 @dataclass(frozen=True)
-class CDLMPerplexityConfig:
+class CDLMPerplexityConfig(Config):
     """CD-LM perplexity (dynamic program over chunk/token switches) beside the base LM's."""
 
     model: str = ""
@@ -193,7 +238,7 @@ class CDLMPerplexityConfig:
 
 
 @dataclass(frozen=True)
-class BenchCDLMConfig:
+class BenchCDLMConfig(Config):
     """`distilray bench cdlm`: SCD, KCD, verify, extraction and datastore figures in one run."""
 
     artifacts_dir: str = "artifacts"
@@ -222,7 +267,7 @@ class BenchCDLMConfig:
 
 
 @dataclass(frozen=True)
-class FitNGramConfig:
+class FitNGramConfig(Config):
     """Speculative decoding: an n-gram drafter counted from a corpus with a Ray Data aggregation."""
 
     tokenizer: str = ""  # the target's tokenizer (its model folder): drafter and target must share it
@@ -235,7 +280,7 @@ class FitNGramConfig:
 
 
 @dataclass(frozen=True)
-class TrainSeq2SeqConfig:
+class TrainSeq2SeqConfig(Config):
     """An encoder-decoder (T5) summarizer on article -> highlights pairs with Ray Train; with `teacher`,
     a drafter distilled from a T5 target (FastLLM's recipe: divergence at a temperature plus CE)."""
 
@@ -249,70 +294,52 @@ class TrainSeq2SeqConfig:
     max_source_tokens: int = 384  # articles are cut to this (eos included)
     max_target_tokens: int = 96  # summaries are cut to this (eos included)
     teacher: str = ""  # seq2seq model folder / name: distil from its logits on the same batch
-    loss: str = "fkl"  # with a teacher: fkl | rkl | jsd | tvd
+    loss: Divergence = "fkl"  # with a teacher
     temperature: float = 1.0  # of both distributions in the divergence
     ce_weight: float = 0.0  # weight of cross-entropy on the gold summary added to the divergence
     batch_size: int = 8  # global, split evenly across workers
     steps: int = 300
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
     dropout: float = 0.0
-    num_workers: int = 1
-    cpus_per_worker: int = 0  # 0: this machine's CPUs divided by num_workers (local), 1 on a cluster
-    use_gpu: str = "auto"  # auto | true | false
-    checkpoint_every: int = 100
-    report_every: int = 50
-    keep_checkpoints: int = 2
-    max_failures: int = 1
-    artifacts_dir: str = "artifacts"
-    name: str = ""  # run name; empty: derived from the model and the config hash
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=20, weight_decay=0.01))
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    artifacts_dir: str = run_only("artifacts")
+    name: str = run_only("")  # run name; empty: derived from the model and the config hash
     seed: int = 0
 
 
 @dataclass(frozen=True)
-class DistillDrafterConfig:
+class DistillDrafterConfig(Config):
     """Speculative decoding: a drafter trained from the target (knowledge distillation) on Ray Train."""
 
     target: str = ""  # the target: HF causal LM folder or name (required); its tokenizer is the drafter's
-    drafter: str = "transformer"  # cnn | lstm | transformer
+    drafter: Literal["cnn", "lstm", "transformer"] = choice("transformer", "n-gram drafters: distilray fit-ngram")
     drafter_size: str = ""  # transformer: GPT-2 preset (default tiny); cnn/lstm: width d_model (default 128)
     init: str = ""  # a saved drafter folder of the same kind to start from; empty: fresh weights
-    data: str = "corpus"  # corpus | pseudo (target generations, Ray Data) | on_policy (drafter samples)
-    loss: str = "fkl"  # fkl | rkl | jsd | tvd | ce (ce: cross-entropy on the data only, the baseline)
+    data: Literal["corpus", "pseudo", "on_policy"] = "corpus"  # pseudo: target generations; on_policy: drafter's
+    loss: Literal["ce", "fkl", "rkl", "jsd", "tvd"] = "fkl"  # ce: cross-entropy on the data only, the baseline
     temperature: float = 1.0  # of both distributions in the divergence
     ce_weight: float = 0.0  # weight of cross-entropy on the data added to the divergence
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     seq_len: int = 128
     batch_size: int = 16
     steps: int = 300
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.0))
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prompt_tokens: int = 16  # pseudo / on_policy: corpus prefix each generated sequence starts from
     pseudo_sequences: int = 512  # pseudo: sequences the target generates
     sample_temperature: float = 1.0  # pseudo / on_policy: sampling temperature of the generations
-    pseudo_actors: int = 1  # pseudo: target actors in the Ray Data pool
+    pseudo_actors: int = run_only(1)  # pseudo: target actors in the Ray Data pool
     on_policy_fraction: float = 0.5  # on_policy: share of each batch sampled from the drafter (rest: corpus)
-    num_workers: int = 1
-    cpus_per_worker: int = 0  # 0: this machine's CPUs divided by num_workers (local), 1 on a cluster
-    use_gpu: str = "auto"
-    checkpoint_every: int = 100
-    report_every: int = 50
-    keep_checkpoints: int = 2
-    max_failures: int = 1
     eval_tokens: int = 20_000  # validation tokens for the final agreement figures
-    artifacts_dir: str = "artifacts"
-    output_dir: str = ""  # empty: artifacts_dir/drafters/<kind>-<loss>-<data>-<hash>
+    artifacts_dir: str = run_only("artifacts")
+    output_dir: str = run_only("")  # empty: artifacts_dir/drafters/<kind>-<loss>-<data>-<hash>
     seed: int = 0
 
 
 @dataclass(frozen=True)
-class BenchSpeculativeConfig:
+class BenchSpeculativeConfig(Config):
     """`distilray bench speculative`: every drafter kind, baseline vs distilled, against plain decoding."""
 
     artifacts_dir: str = "artifacts"
@@ -322,30 +349,11 @@ class BenchSpeculativeConfig:
     new_tokens: int = 64
     gammas: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
     drafter_steps: int = 300  # training steps of each neural drafter (baseline and distilled alike)
-    distill_loss: str = "fkl"
-    distill_data: str = "corpus"  # corpus | pseudo | on_policy
+    distill_loss: Literal["ce", "fkl", "rkl", "jsd", "tvd"] = "fkl"
+    distill_data: Literal["corpus", "pseudo", "on_policy"] = "corpus"
     pseudo_sequences: int = 512  # target generations the distilled n-grams are counted on
     pseudo_temperature: float = 0.7
     threads: int = 1  # torch threads while timing decoding (the serve replica gets the same)
     include_t5: bool = True  # the encoder-decoder setting on cnndm (trains its own small T5s)
     json_out: str = ""
     seed: int = 0
-
-
-COMMAND_CONFIGS: dict[str, type] = {
-    "preprocess": PreprocessConfig,
-    "train-tokenizer": TrainTokenizerConfig,
-    "train-lm": TrainLMConfig,
-    "eval-ppl": EvalPPLConfig,
-    "extract": ExtractConfig,
-    "build-datastore": BuildDatastoreConfig,
-    "cdlm-generate": CDLMGenerateConfig,
-    "cdlm-ppl": CDLMPerplexityConfig,
-    "fit-ngram": FitNGramConfig,
-    "train-seq2seq": TrainSeq2SeqConfig,
-    "distill-drafter": DistillDrafterConfig,
-    "quickstart": QuickstartConfig,
-    "bench-train": BenchTrainConfig,
-    "bench-cdlm": BenchCDLMConfig,
-    "bench-speculative": BenchSpeculativeConfig,
-}

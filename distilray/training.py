@@ -1,5 +1,5 @@
 """Plain-torch training pieces shared by every trainer: packing, deterministic batches, schedule,
-optimizer, checkpoint files. Ray lives in distilray.pipelines; nothing here imports it."""
+optimizer, checkpoint files. Ray lives in distilray.ray_train; nothing here imports it."""
 
 from __future__ import annotations
 
@@ -86,8 +86,13 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, state: dict) -
     model.save_pretrained(directory)  # safetensors: the default of HF models and of our own architectures
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_STATE)
-    atomic_write_json(directory / TRAINER_STATE, state)
+    save_optimizer_and_state(directory, optimizer, state)
+
+
+def save_optimizer_and_state(directory: Path, optimizer, state: dict) -> None:
+    """Optimizer tensors, then the JSON trainer state: its presence marks the checkpoint complete."""
+    torch.save(optimizer.state_dict(), Path(directory) / OPTIMIZER_STATE)
+    atomic_write_json(Path(directory) / TRAINER_STATE, state)
 
 
 def read_trainer_state(directory: Path) -> dict:

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from distilray.config import COMMAND_CONFIGS, QuickstartConfig, load_config
+from distilray.commands import config_class
+from distilray.config import BenchTrainConfig, QuickstartConfig, TrainLMConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -32,11 +33,11 @@ def _ray_pin() -> str:
 
 
 def _header_command(path: Path) -> tuple[str, str]:
-    """(COMMAND_CONFIGS key, config path) from the file's first line, e.g. `# distilray bench train --config X`."""
+    """(command, config path) from the file's first line, e.g. `# distilray bench train --config X`."""
     first = path.read_text(encoding="utf-8").splitlines()[0]
     m = HEADER.match(first)
     assert m, f"{path.name}: first line must be `# distilray <command> --config configs/...`, got {first!r}"
-    return "-".join(m["cmd"].split()), m["path"]
+    return m["cmd"], m["path"]
 
 
 # --------------------------------------------------------------------------------------- configs
@@ -55,9 +56,8 @@ def test_configs_folder_has_the_expected_files() -> None:
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_config_loads_into_the_class_of_its_header_command(path: Path) -> None:
     command, named_path = _header_command(path)
-    assert command in COMMAND_CONFIGS, f"{path.name}: unknown command {command!r}"
+    cls = config_class(command)  # KeyError: an unknown command
     assert named_path == f"configs/{path.name}", f"{path.name}: header names {named_path}"
-    cls = COMMAND_CONFIGS[command]
     cfg = load_config(cls, str(path))
     assert isinstance(cfg, cls)
     # Every key written in the file is reflected in the config (nothing silently dropped).
@@ -76,19 +76,19 @@ def test_config_loads_into_the_class_of_its_header_command(path: Path) -> None:
 
 def test_config_values_are_the_intended_ones() -> None:
     def load(name: str):
-        return load_config(COMMAND_CONFIGS[_header_command(ROOT / "configs" / name)[0]], str(ROOT / "configs" / name))
+        return load_config(config_class(_header_command(ROOT / "configs" / name)[0]), str(ROOT / "configs" / name))
 
     small = load("train_lm_small.yaml")
-    assert (small.model, small.corpus.dataset, small.seq_len, small.batch_size, small.steps, small.num_workers) == (
+    assert (small.model, small.corpus.dataset, small.seq_len, small.batch_size, small.steps, small.scale.num_workers) == (
         "mini", "tinyshakespeare", 128, 16, 600, 2,
     )
     target = load("train_lm_target_cpu.yaml")
     assert (target.model, target.corpus.dataset, target.steps, target.seq_len) == ("small", "pydoc", 2000, 256)
     big = load("train_lm_gpt2_cluster.yaml")
     assert (big.model, big.tokenizer, big.corpus.dataset) == ("gpt2", "gpt2", "hf:wikitext:wikitext-103-raw-v1")
-    assert (big.seq_len, big.batch_size, big.steps, big.lr, big.warmup_steps) == (1024, 256, 20000, 6e-4, 2000)
-    assert (big.num_workers, str(big.use_gpu).lower(), big.checkpoint_every) == (8, "true", 1000)
-    assert big.batch_size % big.num_workers == 0  # the global batch splits evenly across workers
+    assert (big.seq_len, big.batch_size, big.steps, big.optim.lr, big.optim.warmup_steps) == (1024, 256, 20000, 6e-4, 2000)
+    assert (big.scale.num_workers, big.scale.use_gpu, big.checkpoint.every) == (8, "true", 1000)
+    assert big.batch_size % big.scale.num_workers == 0  # the global batch splits evenly across workers
     ev = load("eval_ppl_wikitext2.yaml")
     assert ev.model and ev.corpus.dataset == "wikitext2" and ev.split == "test"
     assert 0 < ev.stride <= ev.context_len
@@ -99,7 +99,8 @@ def test_config_values_are_the_intended_ones() -> None:
 
 
 def test_header_parser_maps_bench_subcommands() -> None:
-    assert _header_command(ROOT / "configs" / "bench_train.yaml")[0] == "bench-train"
+    assert _header_command(ROOT / "configs" / "bench_train.yaml")[0] == "bench train"
+    assert config_class("bench train") is BenchTrainConfig and config_class("train-lm") is TrainLMConfig
 
 
 # ----------------------------------------------------------------------------------- cluster.yaml

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from distilray.config import BenchTrainConfig, CorpusSpec, TrainLMConfig
+from distilray.config import BenchTrainConfig, CorpusSpec, TrainLMConfig, config_from, replace_keys
 from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import build_causal_lm, count_parameters
 from distilray.pipelines import train_lm, train_tokenizer
@@ -26,21 +26,21 @@ GOAL_RATIO_1_WORKER = 0.9
 
 
 def bare_loop_tokens_per_s(cfg: TrainLMConfig, blocks: np.ndarray, tokenizer, untimed: int, threads: int) -> float:
-    """The same steps as train_lm.train_loop, in this process, with no Ray and no DDP."""
+    """The same steps as the shared Ray Train loop runs for train-lm, in this process, with no Ray and no DDP."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = build_causal_lm(cfg.model, tokenizer, n_positions=max(512, cfg.seq_len)).train()
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)
     data = torch.from_numpy(blocks.astype(np.int64))
     elapsed, timed = 0.0, 0
     for step in range(cfg.steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            group["lr"] = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
         loss = lm_loss(model, data[batch_rows(len(data), cfg.batch_size, step, cfg.seed, 0, 1)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         float(loss.detach())
         if step >= untimed:
@@ -62,7 +62,8 @@ def run(cfg: BenchTrainConfig) -> dict:
     cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     corpus = CorpusSpec(dataset=cfg.eval_data) if cfg.eval_data else CorpusSpec()
     tok_dir = train_tokenizer.get_or_train(corpus, cfg.vocab_size, cfg.artifacts_dir)
-    base = TrainLMConfig(
+    base = config_from(
+        TrainLMConfig,
         corpus=corpus,
         model=cfg.model,
         tokenizer=str(tok_dir),
@@ -95,7 +96,7 @@ def run(cfg: BenchTrainConfig) -> dict:
         for workers in cfg.worker_counts:
             print(f"[bench train] Ray Train, {workers} worker(s) ...", flush=True)
             # a fresh run folder each time: a cached model would measure nothing
-            run_cfg = dataclasses.replace(base, num_workers=workers, cpus_per_worker=max(1, cpus // workers), artifacts_dir=tmp, name=f"bench-{workers}w")
+            run_cfg = replace_keys(base, num_workers=workers, cpus_per_worker=max(1, cpus // workers), artifacts_dir=tmp, name=f"bench-{workers}w")
             res = train_lm.run(run_cfg, untimed_steps=cfg.warmup_steps)
             results[f"ray_train_{workers}w"] = {"tokens_per_s": res["tokens_per_s"], "threads_per_worker": max(1, cpus // workers)}
     print("[bench train] bare torch loop again (noise check) ...", flush=True)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-import ray.train
 import torch
+import torch.nn.functional as F
 
 from distilray import corpus
 from distilray.actors.generation import TargetSampler
@@ -36,46 +36,21 @@ from distilray.errors import DistilrayError
 from distilray.eval.acceptance import drafter_agreement
 from distilray.generation import sample_continuations
 from distilray.io_utils import atomic_write_json, read_json
-from distilray.losses.distillation import DIVERGENCES, distillation_loss
-from distilray.models.causal_lm import count_parameters, load_causal_lm
-from distilray.models.drafters import NEURAL_KINDS, build_drafter_network, drafter_kind, load_drafter_network, network_logits
+from distilray.losses.distillation import distillation_loss
+from distilray.models.causal_lm import load_causal_lm
+from distilray.models.drafters import build_drafter_network, drafter_kind, load_drafter_network, network_logits
 from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
-from distilray.pipelines.trainer_runtime import (
-    apply_update,
-    config_from_dict,
-    copy_final_model,
-    fail_at_step_from_env,
-    fit,
-    folder_files,
-    latest_checkpoint,
-    maybe_inject_failure,
-    report_step,
-    restore_start_step,
-    saved_files,
-    worker_context,
-    worker_tokenizer,
-    write_folder,
-)
+from distilray.ray_train import TrainerHooks, TrainJob, cached_result, train
 from distilray.tokenizer import encode_documents, load_tokenizer
-from distilray.training import MetricsLog, batch_rows, flat_tokens, lr_at, make_optimizer, pack_tokens, read_trainer_state, save_checkpoint
+from distilray.training import batch_rows, flat_tokens, pack_tokens
 
 log = logging.getLogger("distilray.distill_drafter")
 
-DATA_SOURCES = ("corpus", "pseudo", "on_policy")
-LOSSES = ("ce", "fkl", "rkl", "jsd", "tvd")
-# Config fields that do not change what is trained (left out of the artifact cache key).
-_NOT_IN_KEY = ("artifacts_dir", "output_dir", "checkpoint_every", "report_every", "keep_checkpoints", "max_failures", "cpus_per_worker", "pseudo_actors", "use_gpu")
-
 
 def validate(cfg: DistillDrafterConfig) -> None:
+    """Checks across keys (single choices are the config's Literal types)."""
     if not cfg.target:
         raise DistilrayError("distill-drafter needs target=PATH (the target model's folder)")
-    if cfg.drafter not in NEURAL_KINDS:
-        raise DistilrayError(f"drafter must be one of {', '.join(NEURAL_KINDS)} (n-gram drafters: distilray fit-ngram), got {cfg.drafter!r}")
-    if cfg.data not in DATA_SOURCES:
-        raise DistilrayError(f"data must be one of {', '.join(DATA_SOURCES)}, got {cfg.data!r}")
-    if cfg.loss not in LOSSES or (cfg.loss != "ce" and cfg.loss not in DIVERGENCES):
-        raise DistilrayError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if cfg.loss == "ce" and cfg.data == "on_policy":
         raise DistilrayError("loss=ce on on_policy data would train the drafter on its own samples; use a divergence")
     if not cfg.temperature > 0 or not cfg.sample_temperature > 0:
@@ -106,7 +81,8 @@ def _target_fingerprint(target: str) -> str:
 def output_dir_for(cfg: DistillDrafterConfig) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir).resolve()
-    key = config_hash(dataclasses.replace(cfg, target=_target_fingerprint(cfg.target), init=_target_fingerprint(cfg.init) if cfg.init else ""), exclude=_NOT_IN_KEY)
+    init = _target_fingerprint(cfg.init) if cfg.init else ""
+    key = config_hash(dataclasses.replace(cfg, target=_target_fingerprint(cfg.target), init=init))
     return Path(cfg.artifacts_dir).resolve() / "drafters" / f"{cfg.drafter}-{cfg.loss}-{cfg.data}-{key}"
 
 
@@ -128,7 +104,7 @@ def pseudo_data(cfg: DistillDrafterConfig, blocks: np.ndarray, out_dir: Path) ->
     t0 = time.perf_counter()
     prompts = _prompt_rows(blocks, cfg.pseudo_sequences, cfg.prompt_tokens, cfg.seed)
     actors = max(1, cfg.pseudo_actors)
-    use_gpu = resolve_use_gpu(cfg.use_gpu)
+    use_gpu = resolve_use_gpu(cfg.scale.use_gpu)
     ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)], override_num_blocks=max(actors, 4))
     ds = ds.map_batches(
         TargetSampler,
@@ -175,10 +151,8 @@ def run(cfg: DistillDrafterConfig) -> dict:
     """Distil (or resume, or reuse from the cache) and return where the drafter went, with figures."""
     validate(cfg)
     out_dir = output_dir_for(cfg)
-    result_path = out_dir / "result.json"
-    if result_path.is_file() and (out_dir / "model" / "config.json").is_file():
-        return {**read_json(result_path), "cached": True}
-    started = time.perf_counter()
+    if cached := cached_result(out_dir):
+        return cached
     target = load_causal_lm(cfg.target, device="cpu")  # fails early, with a clear message, on a bad path
     vocab = model_vocab_size(target)
     tokenizer = load_tokenizer(cfg.target)
@@ -188,129 +162,80 @@ def run(cfg: DistillDrafterConfig) -> dict:
     pseudo_meta: dict = {}
     if cfg.data == "pseudo":
         blocks, pseudo_meta = pseudo_data(cfg, blocks, out_dir)
-        log.warning(f"[distill-drafter] pseudo-data: {len(blocks)} target samples ({'reused' if pseudo_meta['reused'] else 'generated'})")
-    use_gpu = resolve_use_gpu(cfg.use_gpu)
-    cpus = cpus_per_worker(cfg.cpus_per_worker, cfg.num_workers)
-    storage = out_dir / "ray"
-    resume = latest_checkpoint(storage)
-    if resume is not None:
-        log.warning(f"[distill-drafter] resuming from {resume} (step {read_trainer_state(resume)['step']})")
-    local = Path(cfg.target).is_dir()
-    loop_config = {
-        "cfg": dataclasses.asdict(cfg),
-        "data_ref": ray.put(blocks),
-        "val_ref": ray.put(val_stream),
-        "tokenizer_files": saved_files(tokenizer),
-        "target_files": folder_files(cfg.target) if local else {},
-        "init_files": folder_files(cfg.init) if cfg.init else {},
-        "vocab": vocab,
-        "run_dir": str(out_dir),
-        "threads": cpus,
-        "resume_dir": str(resume) if resume else "",
-        "fail_at_step": fail_at_step_from_env(),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = fit(distill_loop, loop_config, storage, cfg.num_workers, use_gpu, cpus, cfg.keep_checkpoints, cfg.max_failures)
-    model_dir = out_dir / "model"
-    copy_final_model(result, model_dir)
-    m = result.metrics
-    summary = {
-        "drafter_dir": str(model_dir),
+        source = "reused" if pseudo_meta["reused"] else "generated"
+        log.warning(f"[distill-drafter] pseudo-data: {len(blocks)} target samples ({source})")
+    folders = {"target": cfg.target} if Path(cfg.target).is_dir() else {}  # a hub name loads on each worker
+    if cfg.init:
+        folders["init"] = cfg.init
+    job = TrainJob(DrafterHooks, cfg, out_dir, data={"train": blocks, "validation": val_stream,
+                                                      "vocab": np.int64(vocab)}, folders=folders)
+    return train(job, lambda m: {
+        "drafter_dir": str(out_dir / "model"),
         "kind": cfg.drafter,
         "loss": cfg.loss,
         "data": cfg.data,
-        "parameters": int(m["parameters"]),
-        "steps": int(m["step"]),
-        "final_loss": float(m["loss"]),
         "val": {k: float(m[f"val_{k}"]) for k in ("alpha_greedy", "alpha_t1", "drafter_ppl")},
         "pseudo": pseudo_meta,
-        "metrics_csv": str(out_dir / "metrics.csv"),
-        "seconds": round(time.perf_counter() - started, 1),
-        "config": dataclasses.asdict(cfg),
-        "cached": False,
-    }
-    atomic_write_json(result_path, summary)
-    return summary
+    })
 
 
-# --------------------------------------------------------------------------------- on the workers
-def distill_loop(c: dict) -> None:
-    cfg = config_from_dict(DistillDrafterConfig, c["cfg"])
-    rank, world, device = worker_context(c["threads"], cfg.seed)
+class DrafterHooks(TrainerHooks):
+    """A drafter network trained against the frozen target: a divergence between their next-token
+    distributions (plus CE), or CE alone; on_policy data mixes in the drafter's own samples."""
 
-    tok_dir, tokenizer = worker_tokenizer(c["tokenizer_files"])
-    target_dir = write_folder(c["target_files"], "distilray-target-") if c["target_files"] else None
-    teacher = load_causal_lm(target_dir or cfg.target, device=device, dtype=torch.float32).requires_grad_(False)
-    if c["init_files"]:
-        network = load_drafter_network(write_folder(c["init_files"], "distilray-init-"), device="cpu").train()
-    else:
-        network = build_drafter_network(cfg.drafter, tokenizer, cfg.drafter_size)
-        if cfg.drafter == "transformer" and network.config.vocab_size != c["vocab"]:
-            network.resize_token_embeddings(c["vocab"])  # the target's logits may be padded past the tokenizer
-    optimizer = make_optimizer(network, cfg.lr, cfg.weight_decay)
-    start = restore_start_step(network, optimizer, c["resume_dir"])
-    raw = network
-    network = ray.train.torch.prepare_model(network)  # DDP when world > 1, and onto the device
-    data = torch.from_numpy(np.asarray(ray.get(c["data_ref"])).astype(np.int64))  # (N, seq_len+1)
-    metrics_log = MetricsLog(Path(c["run_dir"]), resume_step=start) if rank == 0 else None
-    n_params = count_parameters(raw)
-    print_every = max(1, cfg.steps // 20)
-    local_batch = cfg.batch_size // world
-    n_on_policy = round(local_batch * cfg.on_policy_fraction) if cfg.data == "on_policy" else 0
+    label = "distill-drafter"
+    mixed_precision = False
 
-    network.train()
-    for step in range(start, cfg.steps):
-        maybe_inject_failure(c["run_dir"], c["fail_at_step"], step, rank)
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        batch = data[batch_rows(len(data), cfg.batch_size, step, cfg.seed, rank, world)]  # (b, T+1)
-        if n_on_policy:
-            batch = _with_drafter_samples(raw, batch, n_on_policy, cfg, step, rank)
-        inputs, targets = batch[:, :-1].to(device), batch[:, 1:].to(device)
-        student = network_logits(network, inputs)  # (b, T, V)
-        if cfg.loss == "ce":
-            loss = torch.nn.functional.cross_entropy(student.float().reshape(-1, student.shape[-1]), targets.reshape(-1))
+    def build(self) -> torch.nn.Module:
+        cfg = self.cfg
+        target = self.folders.get("target", cfg.target)
+        self.teacher = load_causal_lm(target, device=self.worker.device, dtype=torch.float32).requires_grad_(False)
+        self._tokenizer = load_tokenizer(target)  # the drafter's tokenizer is the target's
+        if "init" in self.folders:
+            network = load_drafter_network(self.folders["init"], device="cpu").train()
         else:
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=inputs).logits  # (b, T, V)
-            loss = distillation_loss(cfg.loss, teacher_logits, student, cfg.temperature, cfg.ce_weight, targets)
-        grad_norm = apply_update(network, optimizer, loss, lr, cfg.grad_clip)
-        done = step + 1
-        metrics = {"step": done, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm, "step_s": time.perf_counter() - t0, "parameters": n_params}
-        if metrics_log is not None:
-            metrics_log.log(done, {k: v for k, v in metrics.items() if k not in ("step", "parameters")})
-            if done % print_every == 0 or done == cfg.steps:
-                log.info(f"[distill-drafter] step {done}/{cfg.steps} {cfg.loss} {metrics['loss']:.4f} lr {lr:.2e}")
-        final = done == cfg.steps
-        if final:
-            val = _validation(teacher, raw, c, cfg) if rank == 0 else {}
-            metrics.update({f"val_{k}": v for k, v in val.items()})
-        state = {"step": done, "seed": cfg.seed, "drafter": cfg.drafter}
-        report_step(metrics, done, cfg.steps, cfg.checkpoint_every, cfg.report_every, rank,
-                    lambda d: save_checkpoint(d, raw, tokenizer, optimizer, state))
-    if metrics_log is not None:
-        metrics_log.close()
-    for d in (tok_dir, target_dir):
-        if d is not None:
-            shutil.rmtree(d, ignore_errors=True)
+            network = build_drafter_network(cfg.drafter, self.tokenizer, cfg.drafter_size)
+            vocab = int(self.data["vocab"])
+            if cfg.drafter == "transformer" and network.config.vocab_size != vocab:
+                network.resize_token_embeddings(vocab)  # the target's logits may be padded past the tokenizer
+        self.network = network  # unwrapped: on-policy sampling runs outside DDP
+        local_batch = cfg.batch_size // self.worker.world
+        self.n_on_policy = round(local_batch * cfg.on_policy_fraction) if cfg.data == "on_policy" else 0
+        return network
 
+    def batch(self, step: int) -> torch.Tensor:
+        data = self.data["train"]
+        rows = batch_rows(len(data), self.cfg.batch_size, step, self.cfg.seed, self.worker.rank, self.worker.world)
+        batch = torch.from_numpy(np.asarray(data[rows]).astype(np.int64))  # (b, T+1)
+        if self.n_on_policy:
+            batch = self._with_drafter_samples(batch, step)
+        return batch
 
-def _with_drafter_samples(network, batch: torch.Tensor, n: int, cfg: DistillDrafterConfig, step: int, rank: int) -> torch.Tensor:
-    """Replace the first n rows' continuations (after prompt_tokens) by the drafter's own samples."""
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 64 + rank)
-    was_training = network.training
-    network.eval()
-    sampled = sample_continuations(network, batch[:n, : cfg.prompt_tokens], batch.shape[1] - cfg.prompt_tokens, cfg.sample_temperature, generator)
-    network.train(was_training)
-    return torch.cat([sampled, batch[n:]], dim=0)
+    def loss(self, model, batch: torch.Tensor, step: int) -> torch.Tensor:
+        inputs, targets = batch[:, :-1].to(self.worker.device), batch[:, 1:].to(self.worker.device)
+        student = network_logits(model, inputs)  # (b, T, V)
+        if self.cfg.loss == "ce":
+            return F.cross_entropy(student.float().reshape(-1, student.shape[-1]), targets.reshape(-1))
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=inputs).logits  # (b, T, V)
+        return distillation_loss(self.cfg.loss, teacher_logits, student, self.cfg.temperature, self.cfg.ce_weight,
+                                 targets)
 
+    def _with_drafter_samples(self, batch: torch.Tensor, step: int) -> torch.Tensor:
+        """Replace the first n rows' continuations (after prompt_tokens) by the drafter's own samples."""
+        cfg, n = self.cfg, self.n_on_policy
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 64 + self.worker.rank)
+        was_training = self.network.training
+        self.network.eval()
+        sampled = sample_continuations(self.network, batch[:n, : cfg.prompt_tokens], batch.shape[1] - cfg.prompt_tokens,
+                                       cfg.sample_temperature, generator)
+        self.network.train(was_training)
+        return torch.cat([sampled, batch[n:]], dim=0)
 
-def _validation(teacher, network, c: dict, cfg: DistillDrafterConfig) -> dict[str, float]:
-    """Teacher-forced agreement with the target on validation text: alpha at T=0 and T=1, drafter ppl."""
-    val = np.asarray(ray.get(c["val_ref"]))
-    if len(val) <= cfg.seq_len:
-        return {"alpha_greedy": float("nan"), "alpha_t1": float("nan"), "drafter_ppl": float("nan")}
-    network.eval()
-    out = drafter_agreement(teacher, lambda x: network_logits(network, x), val, cfg.seq_len, cfg.eval_tokens)
-    network.train()
-    return {k: out[k] for k in ("alpha_greedy", "alpha_t1", "drafter_ppl")}
+    def validate(self, model) -> dict[str, float]:
+        """Teacher-forced agreement with the target on validation text: alpha at T=0 and T=1, drafter ppl."""
+        cfg, val = self.cfg, np.asarray(self.data["validation"])
+        if len(val) <= cfg.seq_len:
+            return {"alpha_greedy": float("nan"), "alpha_t1": float("nan"), "drafter_ppl": float("nan")}
+        out = drafter_agreement(self.teacher, lambda x: network_logits(model, x), val, cfg.seq_len, cfg.eval_tokens)
+        return {k: out[k] for k in ("alpha_greedy", "alpha_t1", "drafter_ppl")}

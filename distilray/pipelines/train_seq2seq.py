@@ -13,23 +13,15 @@ the test articles a benchmark decodes were never trained on.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
-import ray
-import ray.train
 import torch
 
 from distilray import corpus
 from distilray.config import CorpusSpec, TrainSeq2SeqConfig, config_hash
 from distilray.errors import DistilrayError
-from distilray.io_utils import atomic_write_json, read_json
-from distilray.losses.distillation import DIVERGENCES
-from distilray.models.causal_lm import count_parameters
 from distilray.models.seq2seq_lm import (
     IGNORE,
     build_seq2seq_lm,
@@ -42,31 +34,11 @@ from distilray.models.seq2seq_lm import (
     seq2seq_loss,
 )
 from distilray.pipelines import train_tokenizer
-from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
-from distilray.pipelines.trainer_runtime import (
-    apply_update,
-    config_from_dict,
-    copy_final_model,
-    fail_at_step_from_env,
-    fit,
-    folder_files,
-    latest_checkpoint,
-    maybe_inject_failure,
-    report_step,
-    restore_start_step,
-    saved_files,
-    worker_context,
-    worker_tokenizer,
-    write_folder,
-)
+from distilray.ray_train import TrainerHooks, TrainJob, cached_result, train
 from distilray.tokenizer import load_tokenizer, vocab_fingerprint
-from distilray.training import MetricsLog, batch_rows, load_checkpoint_into, lr_at, make_optimizer, read_trainer_state, save_checkpoint
-
-log = logging.getLogger("distilray.train_seq2seq")
+from distilray.training import batch_rows, load_checkpoint_into
 
 Pair = tuple[str, str]
-# Config fields that do not change what is trained (left out of the artifact cache key).
-_NOT_IN_KEY = ("artifacts_dir", "checkpoint_every", "report_every", "keep_checkpoints", "max_failures", "name", "cpus_per_worker", "use_gpu")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -121,7 +93,7 @@ def run_dir_for(cfg: TrainSeq2SeqConfig, tokenizer) -> Path:
     if cfg.name:
         return Path(cfg.artifacts_dir).resolve() / "seq2seq" / cfg.name
     keyed = dataclasses.replace(cfg, tokenizer=vocab_fingerprint(tokenizer), teacher=_file_key(cfg.teacher) if cfg.teacher else "")
-    key = config_hash(keyed, exclude=_NOT_IN_KEY)
+    key = config_hash(keyed)
     fingerprint = corpus.corpus_fingerprint(CorpusSpec(dataset=cfg.dataset, text_field="article"))[:6]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.model.strip("/").split("/")[-1]) + ("-kd" if cfg.teacher else "")
     return Path(cfg.artifacts_dir).resolve() / "seq2seq" / f"{slug}-{key}-{fingerprint}"
@@ -132,8 +104,6 @@ def validate(cfg: TrainSeq2SeqConfig) -> None:
         raise DistilrayError("steps and batch_size must be positive")
     if cfg.max_source_tokens < 2 or cfg.max_target_tokens < 2:
         raise DistilrayError("max_source_tokens and max_target_tokens must be at least 2 (a token and eos)")
-    if cfg.teacher and cfg.loss not in DIVERGENCES:
-        raise DistilrayError(f"loss must be one of {', '.join(DIVERGENCES)} with a teacher, got {cfg.loss!r}")
     if not cfg.temperature > 0 or cfg.ce_weight < 0:
         raise DistilrayError("temperature must be > 0 and ce_weight >= 0")
 
@@ -157,119 +127,75 @@ def run(cfg: TrainSeq2SeqConfig) -> dict:
     tok_dir = resolve_tokenizer(cfg)
     tokenizer = load_tokenizer(tok_dir)
     run_dir = run_dir_for(cfg, tokenizer)
-    result_path = run_dir / "result.json"
-    if result_path.is_file() and (run_dir / "model" / "config.json").is_file():
-        return {**read_json(result_path), "cached": True}
+    if cached := cached_result(run_dir):
+        return cached
     if cfg.teacher:
         _check_teacher(cfg, tokenizer)
-
     splits = split_pairs(load_pairs(cfg.dataset), cfg.val_pairs, cfg.test_pairs, cfg.split_seed)
     train_src, train_sum = encode_split(tokenizer, splits["train"], cfg)
-    val = encode_split(tokenizer, splits["validation"], cfg)
-    ensure_ray()
-    use_gpu = resolve_use_gpu(cfg.use_gpu)
-    cpus = cpus_per_worker(cfg.cpus_per_worker, cfg.num_workers)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    storage = run_dir / "ray"
-    resume = latest_checkpoint(storage)
-    if resume is not None:
-        log.warning(f"[train-seq2seq] resuming from {resume} (step {read_trainer_state(resume)['step']})")
-    teacher_dir = Path(cfg.teacher) if cfg.teacher and Path(cfg.teacher).is_dir() else None
-    loop_config = {
-        "cfg": dataclasses.asdict(cfg),
-        "src_ref": ray.put(pad_rows(train_src, tokenizer.pad_token_id).numpy().astype(np.int32)),  # (N, S)
-        "labels_ref": ray.put(pad_rows(train_sum, IGNORE).numpy().astype(np.int32)),  # (N, T)
-        "val_ref": ray.put(val),
-        "tokenizer_files": saved_files(tokenizer),
-        "teacher_files": folder_files(teacher_dir) if teacher_dir else {},
-        "run_dir": str(run_dir),
-        "threads": cpus,
-        "resume_dir": str(resume) if resume else "",
-        "fail_at_step": fail_at_step_from_env(),
+    val_src, val_sum = encode_split(tokenizer, splits["validation"], cfg)
+    data = {
+        "sources": pad_rows(train_src, tokenizer.pad_token_id).numpy().astype(np.int32),  # (N, S)
+        "labels": pad_rows(train_sum, IGNORE).numpy().astype(np.int32),  # (N, T)
+        "validation": (val_src, val_sum),  # token lists
     }
-    result = fit(train_loop, loop_config, storage, cfg.num_workers, use_gpu, cpus, cfg.keep_checkpoints, cfg.max_failures)
-    model_dir = run_dir / "model"
-    copy_final_model(result, model_dir)
-    metrics = result.metrics
-    summary = {
-        "run_dir": str(run_dir),
-        "model_dir": str(model_dir),
+    folders: dict[str, str | Path] = {"tokenizer": _saved_tokenizer(tokenizer, run_dir)}
+    if cfg.teacher and Path(cfg.teacher).is_dir():
+        folders["teacher"] = cfg.teacher
+    job = TrainJob(Seq2SeqHooks, cfg, run_dir, data=data, folders=folders)
+    return train(job, lambda m: {
         "tokenizer_dir": str(Path(tok_dir).resolve()) if Path(tok_dir).exists() else str(tok_dir),
-        "metrics_csv": str(run_dir / "metrics.csv"),
-        "parameters": int(metrics["parameters"]),
-        "steps": int(metrics["step"]),
         "train_pairs": len(train_src),
-        "val_pairs": len(val[0]),
-        "first_loss": float(metrics["first_loss"]),
-        "final_loss": float(metrics["loss"]),
-        "val_loss": float(metrics["val_loss"]),
+        "val_pairs": len(val_src),
+        "val_loss": float(m["val_loss"]),
         "teacher": cfg.teacher,
-        "config": dataclasses.asdict(cfg),
-        "cached": False,
-    }
-    atomic_write_json(result_path, summary)
-    return summary
+    })
+
+
+def _saved_tokenizer(tokenizer, run_dir: Path) -> Path:
+    """The tokenizer's files in the run folder (it may come from a hub name, or a model folder with weights)."""
+    folder = run_dir / "tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 # --------------------------------------------------------------------------------- on the workers
-def train_loop(c: dict) -> None:
-    cfg = config_from_dict(TrainSeq2SeqConfig, c["cfg"])
-    rank, world, device = worker_context(c["threads"], cfg.seed)
+class Seq2SeqHooks(TrainerHooks):
+    """Cross-entropy of the gold summary given the article; with a teacher, a divergence from its
+    distributions at a temperature plus `ce_weight` x CE (FastLLM's drafter recipe)."""
 
-    tok_dir, tokenizer = worker_tokenizer(c["tokenizer_files"])
-    if is_seq2seq_preset(cfg.model):
-        model = build_seq2seq_lm(cfg.model, tokenizer, dropout=cfg.dropout)
-    else:
-        model = load_seq2seq_lm(cfg.model, device="cpu", dtype=torch.float32).train()
-    teacher, teacher_dir = None, None
-    if cfg.teacher:
-        teacher_dir = write_folder(c["teacher_files"], "distilray-teacher-") if c["teacher_files"] else None
-        teacher = load_seq2seq_lm(teacher_dir or cfg.teacher, device=device, dtype=torch.float32)
-        teacher.requires_grad_(False)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start = restore_start_step(model, optimizer, c["resume_dir"])
-    raw_model = model
-    model = ray.train.torch.prepare_model(model)  # DDP when world > 1, and onto the device
-    src_all = torch.from_numpy(np.asarray(ray.get(c["src_ref"])).astype(np.int64))  # (N, S)
-    labels_all = torch.from_numpy(np.asarray(ray.get(c["labels_ref"])).astype(np.int64))  # (N, T)
-    pad_id, start_id = tokenizer.pad_token_id, decoder_start_id(raw_model)
-    metrics_log = MetricsLog(Path(c["run_dir"]), resume_step=start) if rank == 0 else None
-    n_params = count_parameters(raw_model)
-    print_every = max(1, cfg.steps // 20)
-    first_loss = float("nan")
-    model.train()
-    for step in range(start, cfg.steps):
-        maybe_inject_failure(c["run_dir"], c["fail_at_step"], step, rank)
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        rows = torch.from_numpy(batch_rows(len(src_all), cfg.batch_size, step, cfg.seed, rank, world))
-        src, labels = _trim(src_all[rows], labels_all[rows], pad_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = seq2seq_loss(model, src.to(device), labels.to(device), pad_id, start_id, teacher,
-                                cfg.loss, cfg.temperature, cfg.ce_weight)
-        grad_norm = apply_update(model, optimizer, loss, lr, cfg.grad_clip)
-        loss_value = float(loss.detach())  # this rank's loss; ranks differ only by their batch
-        if step == start:
-            first_loss = loss_value
-        done = step + 1
-        metrics = {"step": done, "loss": loss_value, "first_loss": first_loss, "lr": lr, "grad_norm": grad_norm,
-                   "seconds_per_step": time.perf_counter() - t0, "parameters": n_params}
-        if metrics_log is not None:
-            metrics_log.log(done, {k: v for k, v in metrics.items() if k not in ("step", "parameters", "first_loss")})
-            if done % print_every == 0 or done == cfg.steps:
-                log.info(f"[train-seq2seq] step {done}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e}")
-        final = done == cfg.steps
-        if final:
-            sources, summaries = ray.get(c["val_ref"])
-            metrics["val_loss"] = mean_token_loss(raw_model, sources, summaries, pad_id, start_id) if rank == 0 else float("nan")
-        state = {"step": done, "seed": cfg.seed, "model": cfg.model}
-        report_step(metrics, done, cfg.steps, cfg.checkpoint_every, cfg.report_every, rank,
-                    lambda d: save_checkpoint(d, raw_model, tokenizer, optimizer, state))
-    if metrics_log is not None:
-        metrics_log.close()
-    for d in (tok_dir, teacher_dir):
-        if d is not None:
-            shutil.rmtree(d, ignore_errors=True)
+    label = "train-seq2seq"
+
+    def build(self) -> torch.nn.Module:
+        cfg = self.cfg
+        if is_seq2seq_preset(cfg.model):
+            model = build_seq2seq_lm(cfg.model, self.tokenizer, dropout=cfg.dropout)
+        else:
+            model = load_seq2seq_lm(cfg.model, device="cpu", dtype=torch.float32).train()
+        self.teacher = None
+        if cfg.teacher:
+            teacher = load_seq2seq_lm(self.folders.get("teacher", cfg.teacher), device=self.worker.device,
+                                      dtype=torch.float32)
+            self.teacher = teacher.requires_grad_(False)
+        self.pad_id, self.start_id = self.tokenizer.pad_token_id, decoder_start_id(model)
+        return model
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sources, labels = self.data["sources"], self.data["labels"]
+        rows = batch_rows(len(sources), self.cfg.batch_size, step, self.cfg.seed, self.worker.rank, self.worker.world)
+        src = torch.from_numpy(np.asarray(sources[rows]).astype(np.int64))
+        return _trim(src, torch.from_numpy(np.asarray(labels[rows]).astype(np.int64)), self.pad_id)
+
+    def loss(self, model, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
+        src, labels = batch
+        cfg, device = self.cfg, self.worker.device
+        return seq2seq_loss(model, src.to(device), labels.to(device), self.pad_id, self.start_id, self.teacher,
+                            cfg.loss, cfg.temperature, cfg.ce_weight)
+
+    def validate(self, model) -> dict[str, float]:
+        sources, summaries = self.data["validation"]
+        return {"loss": mean_token_loss(model, sources, summaries, self.pad_id, self.start_id)}
 
 
 def _trim(src: torch.Tensor, labels: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

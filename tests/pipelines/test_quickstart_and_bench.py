@@ -21,7 +21,7 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
          "spec_distill_steps=3", "spec_prompts=2", "spec_new_tokens=8"],
     )
     summary = quickstart.run(cfg)
-    table = quickstart.format_summary(summary)
+    table = quickstart.format_table(summary)
     for needle in ("target (mini)", "drafter (tiny)", "test ppl", "validation ppl", "parameters", "CD-LM", "datastore keys"):
         assert needle in table
     params = {stage: value for stage, figure, value in summary["rows"] if figure == "parameters"}

@@ -1,14 +1,13 @@
 """`distilray train-seq2seq`: pair splits, the loss (shift, masks, distillation), checkpoint restore,
 one tiny Ray Train run whose loss falls, and a distillation run from it (teacher=)."""
 
-import dataclasses
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from distilray.config import TrainSeq2SeqConfig
+from distilray.config import TrainSeq2SeqConfig, config_from, replace_keys
 from distilray.decoding.speculative import plain_generate
 from distilray.errors import DistilrayError
 from distilray.models.seq2seq_lm import (
@@ -104,8 +103,8 @@ def test_bad_configs_are_named(tmp_path):
 
 
 def test_train_then_distil_with_ray_train(ray_session, tmp_path):
-    cfg = TrainSeq2SeqConfig(
-        model="t5-micro", vocab_size=512, max_source_tokens=64, max_target_tokens=24, steps=25, batch_size=8,
+    cfg = config_from(
+        TrainSeq2SeqConfig, model="t5-micro", vocab_size=512, max_source_tokens=64, max_target_tokens=24, steps=25, batch_size=8,
         lr=3e-3, warmup_steps=3, checkpoint_every=25, cpus_per_worker=1, artifacts_dir=str(tmp_path),
     )
     result = train_seq2seq.run(cfg)
@@ -121,7 +120,7 @@ def test_train_then_distil_with_ray_train(ray_session, tmp_path):
     assert len(out) == 8 and all(0 <= t < len(tokenizer) for t in out)
     assert train_seq2seq.run(cfg)["cached"] is True
 
-    kd = dataclasses.replace(cfg, teacher=str(model_dir), loss="fkl", temperature=2.0, ce_weight=0.5, steps=6, checkpoint_every=6)
+    kd = replace_keys(cfg, teacher=str(model_dir), loss="fkl", temperature=2.0, ce_weight=0.5, steps=6, checkpoint_every=6)
     distilled = train_seq2seq.run(kd)
     assert distilled["teacher"] == str(model_dir) and distilled["run_dir"] != result["run_dir"]
     assert distilled["tokenizer_dir"] == str(model_dir.resolve())  # a drafter shares its teacher's tokenizer
