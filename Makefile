@@ -8,13 +8,17 @@ STAMP  := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test lint install clean
 
 quickstart: $(STAMP)
 	$(BIN)/distilray quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 install: $(STAMP)
 
