@@ -1,27 +1,48 @@
-"""Connecting to Ray: a cluster when one is named, a local instance otherwise (the embedded default)."""
+"""Connecting to Ray (a cluster when one is named, a local instance otherwise: the embedded default) and
+sizing workers to it. Every job, benchmark and the training driver start Ray through `ensure_ray`."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
 
+from distilray import console
+
 
 def ensure_ray(num_cpus: int | None = None, object_store_mb: int | None = None) -> None:
-    """`RAY_ADDRESS` (set by `ray job submit` too) targets a cluster; no address starts local Ray."""
+    """`RAY_ADDRESS` (set by `ray job submit` too) targets a cluster; no address starts local Ray.
+
+    Quiet unless DISTILRAY_VERBOSE=1 (`console.configure_output`); a Ray started elsewhere (tests, a
+    notebook) is used as it is."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    # Ray 2.60 otherwise writes an auth token that later CLI calls then fail on.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs: dict = {"log_to_driver": True}
-    if num_cpus:
-        kwargs["num_cpus"] = num_cpus
-    if object_store_mb:
-        kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
+    verbose = console.is_verbose()
+    kwargs = console.ray_init_kwargs(verbose)
+    if not os.environ.get("RAY_ADDRESS"):
+        # Ray 2.60 otherwise writes an auth token that later CLI calls then fail on.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+        if object_store_mb:
+            kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
     ray.init(**kwargs)
+    if not verbose:
+        quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data on the driver: no progress output of its own (each stage shows one bar, `console.progress`)
+    and only warnings on the console; its log file (`<logs>/ray-data/`) keeps everything."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # uses up the one warning that the bars are off
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.WARNING)
 
 
 def resolve_use_gpu(value: str) -> bool:

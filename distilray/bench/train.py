@@ -19,7 +19,7 @@ from distilray.config import BenchTrainConfig, CorpusSpec, TrainLMConfig, config
 from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import build_causal_lm, count_parameters
 from distilray.pipelines import train_lm, train_tokenizer
-from distilray.pipelines.ray_runtime import ensure_ray
+from distilray.actors.cluster import ensure_ray
 from distilray.training import batch_rows, lm_loss, lr_at, make_optimizer
 
 GOAL_RATIO_1_WORKER = 0.9

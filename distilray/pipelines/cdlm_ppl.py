@@ -10,7 +10,7 @@ from distilray.config import CDLMPerplexityConfig
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import load_causal_lm, max_context
-from distilray.pipelines.ray_runtime import ensure_ray
+from distilray.actors.cluster import ensure_ray
 from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
 from distilray.training import flat_tokens
 

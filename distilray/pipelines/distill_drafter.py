@@ -39,7 +39,7 @@ from distilray.io_utils import atomic_write_json, read_json
 from distilray.losses.distillation import distillation_loss
 from distilray.models.causal_lm import load_causal_lm
 from distilray.models.drafters import build_drafter_network, drafter_kind, load_drafter_network, network_logits
-from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
+from distilray.actors.cluster import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.ray_train import TrainerHooks, TrainJob, cached_result, train
 from distilray.tokenizer import encode_documents, load_tokenizer
 from distilray.training import batch_rows, flat_tokens, pack_tokens

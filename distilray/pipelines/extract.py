@@ -10,23 +10,27 @@ atomically, so a re-run skips finished shards and an interrupted run resumes whe
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
 
-from distilray import corpus
+from distilray import console, corpus
 from distilray.actors.extraction import ExtractShardWorker, shard_done, shard_paths
 from distilray.cdlm.extraction import Window, make_windows
 from distilray.config import ExtractConfig
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json, read_json
 from distilray.models.causal_lm import load_causal_lm, max_context
-from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
+from distilray.actors.cluster import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.tokenizer import check_same_tokenizer, encode_documents, load_tokenizer, vocab_fingerprint
 
-PLAN_KEYS = ("model", "datastore_model", "corpus", "split", "window", "stride", "min_length", "windows_per_shard", "save_hidden", "max_windows")
+log = logging.getLogger("distilray.extract")
+
+PLAN_KEYS = ("model", "datastore_model", "corpus", "split", "window", "stride", "min_length", "windows_per_shard",
+             "save_hidden", "max_windows")
 
 
 def plan_windows(cfg: ExtractConfig) -> tuple[list[Window], object]:
@@ -36,7 +40,8 @@ def plan_windows(cfg: ExtractConfig) -> tuple[list[Window], object]:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     if cfg.datastore_model and cfg.datastore_model != cfg.model:
         # KCD: probabilities from one model, keys from another; token ids must mean the same thing
-        check_same_tokenizer(tokenizer, load_tokenizer(cfg.datastore_model), f"datastore model {cfg.datastore_model} vs generation model {cfg.model}")
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg.datastore_model),
+                             f"datastore model {cfg.datastore_model} vs generation model {cfg.model}")
     for path in {cfg.model, cfg.datastore_model or cfg.model}:
         limit = max_context(load_causal_lm(path, device="cpu"))
         if cfg.window > limit:
@@ -64,19 +69,21 @@ def run(cfg: ExtractConfig) -> dict:
         old = read_json(out / "plan.json")
         if old != plan:
             changed = sorted(k for k in plan if old.get(k) != plan[k])
-            raise DistilrayError(f"{out} holds an extraction with other settings ({', '.join(changed)}); use another output_dir")
+            raise DistilrayError(f"{out} holds an extraction with other settings ({', '.join(changed)}); "
+                                 "use another output_dir")
     else:
         atomic_write_json(out / "plan.json", plan)
 
     shards = [windows[i : i + cfg.windows_per_shard] for i in range(0, len(windows), cfg.windows_per_shard)]
     todo = [i for i in range(len(shards)) if not shard_done(out, i, cfg.save_hidden)]
-    print(f"[extract] {len(windows)} windows in {len(shards)} shards; {len(shards) - len(todo)} already done", flush=True)
+    log.info(f"[extract] {len(windows)} windows in {len(shards)} shards; {len(shards) - len(todo)} already done")
     if todo:
         run_actor_pool(cfg, out, shards, todo)
     index = _write_index(out, shards, cfg.save_hidden)
     tokens = sum(len(w.tokens) for w in windows)
     seconds = time.perf_counter() - started
-    return {"output_dir": str(out), "windows": len(windows), "shards": len(shards), "shards_computed": len(todo), "tokens": tokens, "seconds": round(seconds, 2), "index": str(index)}
+    return {"output_dir": str(out), "windows": len(windows), "shards": len(shards), "shards_computed": len(todo),
+            "tokens": tokens, "seconds": round(seconds, 2), "index": str(index)}
 
 
 def run_actor_pool(cfg: ExtractConfig, out: Path, shards: list[list[Window]], todo: list[int]) -> None:
@@ -112,8 +119,12 @@ def run_actor_pool(cfg: ExtractConfig, out: Path, shards: list[list[Window]], to
         num_gpus=1 if use_gpu else 0,
         num_cpus=cpus,
     )
-    finished = done.take_all()
-    missing = set(todo) - {int(r["shard_id"]) for r in finished}
+    finished: set[int] = set()
+    with console.progress(len(shards), "extract", unit="shards", initial=len(shards) - len(todo)) as bar:
+        for row in done.iter_rows():  # one row per shard, as each is written
+            finished.add(int(row["shard_id"]))
+            bar.update(1)
+    missing = set(todo) - finished
     if missing:
         raise DistilrayError(f"extraction did not finish shards {sorted(missing)}; re-run to resume")
 
@@ -127,7 +138,8 @@ def _write_index(out: Path, shards: list[list[Window]], save_hidden: bool) -> Pa
             entries.append([w.window_id, shard_id, offset, len(w.tokens)])
             offset += len(w.tokens)
     path = out / "index.json"
-    atomic_write_json(path, {"columns": ["window_id", "shard", "offset", "length"], "windows": entries, "hidden_states": save_hidden}, indent=None)
+    index = {"columns": ["window_id", "shard", "offset", "length"], "windows": entries, "hidden_states": save_hidden}
+    atomic_write_json(path, index, indent=None)
     return path
 
 

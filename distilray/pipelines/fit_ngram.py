@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from distilray import corpus
+from distilray import console, corpus
 from distilray.config import FitNGramConfig
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json
 from distilray.models.ngram import NGramDrafter
-from distilray.pipelines.ray_runtime import ensure_ray
+from distilray.actors.cluster import ensure_ray
 from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
 
 
@@ -77,13 +77,25 @@ def _corpus_counts(cfg: FitNGramConfig, tokenizer, vocab_size: int) -> list[dict
     if not tok_dir.is_dir():  # a hub name: save it once so every task loads the same files
         tok_dir = Path(cfg.output_dir).resolve().parent / ".ngram-tokenizer"
         tokenizer.save_pretrained(tok_dir)
-    ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=max(1, min(cfg.num_blocks, len(docs))))
-    return ds.map_batches(
+    blocks = max(1, min(cfg.num_blocks, len(docs)))
+    ds = ray.data.from_items([{"text": d} for d in docs], override_num_blocks=blocks)
+    counted = ds.map_batches(
         _count_block,
         fn_kwargs={"tokenizer_dir": str(tok_dir.resolve()), "n": cfg.n, "vocab_size": vocab_size},
         batch_size=None,  # one call per block
         batch_format="numpy",
-    ).take_all()
+    )
+    return _collect(counted, blocks)
+
+
+def _collect(counted, blocks: int) -> list[dict]:
+    """The partial counts, one row per block, with a progress bar over the blocks."""
+    rows = []
+    with console.progress(blocks, "fit-ngram", unit="blocks") as bar:
+        for row in counted.iter_rows():
+            rows.append(row)
+            bar.update(1)
+    return rows
 
 
 def _pseudo_counts(cfg: FitNGramConfig, vocab_size: int) -> list[dict]:
@@ -91,6 +103,9 @@ def _pseudo_counts(cfg: FitNGramConfig, vocab_size: int) -> list[dict]:
     folder = Path(cfg.pseudo_data)
     data = folder / "data" if (folder / "data").is_dir() else folder
     if not data.is_dir() or not any(data.glob("*.parquet")):
-        raise DistilrayError(f"pseudo_data={cfg.pseudo_data} holds no Parquet files (expected distill-drafter's pseudo/ folder)")
+        raise DistilrayError(f"pseudo_data={cfg.pseudo_data} holds no Parquet files "
+                             "(expected distill-drafter's pseudo/ folder)")
     ds = ray.data.read_parquet(str(data), columns=["tokens"])
-    return ds.map_batches(_count_token_rows, fn_kwargs={"n": cfg.n, "vocab_size": vocab_size}, batch_size=None, batch_format="numpy").take_all()
+    counted = ds.map_batches(_count_token_rows, fn_kwargs={"n": cfg.n, "vocab_size": vocab_size}, batch_size=None,
+                             batch_format="numpy")
+    return _collect(counted, 0)  # the number of blocks is Ray Data's to choose: a count, no total

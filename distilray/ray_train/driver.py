@@ -25,9 +25,10 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from distilray.config_loading import config_to_dict
+from distilray.console import progress
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_dir, atomic_write_json, read_json
-from distilray.pipelines.ray_runtime import cpus_per_worker, ensure_ray, resolve_use_gpu
+from distilray.actors.cluster import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.ray_train.hooks import TrainerHooks
 from distilray.ray_train.loop import EXTRA_TENSORS, LoopInput, latest_checkpoint, train_loop
 from distilray.training import OPTIMIZER_STATE, read_trainer_state
@@ -146,8 +147,6 @@ class _ProgressFromMetrics:
         self._thread.join(timeout=5)
 
     def _follow(self) -> None:
-        from distilray.console import progress
-
         with progress(self.total, self.label) as bar:
             while True:
                 stopping = self._stop.wait(1.0)

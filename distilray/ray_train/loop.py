@@ -18,6 +18,7 @@ import ray.train
 import torch
 from safetensors.torch import load_file, save_file
 
+from distilray.console import quiet_worker
 from distilray.models.causal_lm import count_parameters
 from distilray.ray_train.hooks import TrainerHooks, WorkerInfo
 from distilray.training import (
@@ -53,7 +54,7 @@ def train_loop(loop_config: dict) -> None:
     """Ray Train's per-worker function: `loop_config["job"]` is a LoopInput."""
     job: LoopInput = loop_config["job"]
     cfg = job.config
-    _quiet_report_lines()
+    quiet_worker()
     ctx = ray.train.get_context()
     torch.set_num_threads(job.threads)
     torch.manual_seed(cfg.seed)
@@ -202,13 +203,3 @@ def write_folder(files: dict[str, bytes], prefix: str) -> Path:
     for name, data in files.items():
         (path / name).write_bytes(data)
     return path
-
-
-def _quiet_report_lines() -> None:
-    """Ray Train logs every report at INFO on the console; the driver's progress bar says enough."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # another Ray version: the lines just stay
-        pass
