@@ -51,7 +51,7 @@ COMMANDS: tuple[Command, ...] = (
             C.ExtractConfig, "distilray.pipelines.extract:run", example="model=PATH --dataset NAME"),
     Command("build-datastore", "CD-LM: mine chunks and write the sharded datastore", C.BuildDatastoreConfig,
             "distilray.pipelines.build_datastore:run", example="extract_dir=DIR"),
-    Command("cdlm-generate", "CD-LM: generate with the datastore (paper | verify | baseline)", C.CDLMGenerateConfig,
+    Command("cdlm-generate", "CD-LM: generate with the datastore (paper, verify or baseline mode)", C.CDLMGenerateConfig,
             "distilray.pipelines.cdlm_generate:run", example="model=PATH datastore=DIR mode=paper"),
     Command("cdlm-ppl", "CD-LM: perplexity by the chunk/token dynamic program beside the base LM's",
             C.CDLMPerplexityConfig, "distilray.pipelines.cdlm_ppl:run",

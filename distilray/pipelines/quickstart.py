@@ -11,22 +11,24 @@ Later stages add their rows to the same summary.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
 from distilray import corpus
-from distilray.config import BuildDatastoreConfig, CDLMGenerateConfig, DistillDrafterConfig, EvalPPLConfig, ExtractConfig, FitNGramConfig, QuickstartConfig, TrainLMConfig
+from distilray.config import config_from, BuildDatastoreConfig, CDLMGenerateConfig, DistillDrafterConfig, EvalPPLConfig, ExtractConfig, FitNGramConfig, QuickstartConfig, TrainLMConfig
 from distilray.generation import generate_text
 from distilray.io_utils import atomic_write_json, read_json
 from distilray.models.causal_lm import load_causal_lm
 from distilray.pipelines import build_datastore, cdlm_generate, distill_drafter, eval_ppl, extract, fit_ngram, train_lm, train_tokenizer
-from distilray.pipelines.ray_runtime import ensure_ray
+from distilray.actors.cluster import ensure_ray
 from distilray.tokenizer import encode_documents, load_tokenizer
 
 
 def lm_config(cfg: QuickstartConfig, preset: str, steps: int, tokenizer_dir: Path) -> TrainLMConfig:
     """The quickstart's training config for one model (benchmarks reuse it, and so its cache)."""
-    return TrainLMConfig(
+    return config_from(
+        TrainLMConfig,
         corpus=cfg.corpus,
         model=preset,
         tokenizer=str(tokenizer_dir),
@@ -47,6 +49,7 @@ def run(cfg: QuickstartConfig) -> dict:
     rows: list[tuple[str, str, str]] = []  # (stage, figure, value)
     artifacts: dict[str, str] = {}
 
+    _stage("1/3 foundation: a BPE tokenizer, a target and a drafter LM on Ray Train")
     t0 = time.perf_counter()
     tok_dir = train_tokenizer.get_or_train(cfg.corpus, cfg.vocab_size, cfg.artifacts_dir)
     tokenizer = load_tokenizer(tok_dir)
@@ -75,9 +78,11 @@ def run(cfg: QuickstartConfig) -> dict:
         artifacts[f"{role} model"] = res["model_dir"]
         artifacts[f"{role} metrics"] = res["metrics_csv"]
 
+    _stage("2/3 CD-LM: Ray Data extraction, the sharded datastore, decoding with chunks")
     cdlm_rows, cdlm_artifacts = cdlm_stage(cfg, models["target"]["model_dir"])
     rows += cdlm_rows
     artifacts.update(cdlm_artifacts)
+    _stage("3/3 speculative decoding: a distilled drafter and a trigram against plain decoding")
     spec_rows, spec_artifacts = speculative_stage(cfg, models["target"]["model_dir"], models["drafter"]["model_dir"])
     rows += spec_rows
     artifacts.update(spec_artifacts)
@@ -93,6 +98,10 @@ def run(cfg: QuickstartConfig) -> dict:
     }
     atomic_write_json(results_path, summary)
     return summary
+
+
+def _stage(title: str) -> None:
+    print(f"[quickstart] stage {title}", file=sys.stderr, flush=True)
 
 
 def cdlm_stage(cfg: QuickstartConfig, target_dir: str) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
@@ -138,12 +147,13 @@ def speculative_stage(cfg: QuickstartConfig, target_dir: str, drafter_dir: str) 
     import torch
 
     from distilray.decoding.speculative import theoretical_speedup
-    from distilray.models.drafters import load_drafter
+    from distilray.decoding.drafters import load_drafter
     from distilray.eval.speculative_speed import scan_drafter, step_times
 
     t0 = time.perf_counter()
     home = Path(cfg.artifacts_dir).resolve() / "quickstart" / "speculative"
-    distilled = distill_drafter.run(DistillDrafterConfig(
+    distilled = distill_drafter.run(config_from(
+        DistillDrafterConfig,
         target=target_dir, drafter="transformer", init=drafter_dir, loss="fkl", data="corpus", corpus=cfg.corpus, seq_len=cfg.seq_len,
         batch_size=cfg.batch_size, steps=cfg.spec_distill_steps, lr=5e-4, warmup_steps=10, artifacts_dir=cfg.artifacts_dir, seed=cfg.seed))
     ngram_dir = home / "drafters" / "ngram3"
@@ -175,7 +185,7 @@ def speculative_stage(cfg: QuickstartConfig, target_dir: str, drafter_dir: str) 
     return rows, {"speculative drafters": str(home / "drafters"), "speculative target": str(home / "target")}
 
 
-def format_summary(summary: dict) -> str:
+def format_table(summary: dict) -> str:
     rows = summary["rows"]
     w1 = max(len(r[0]) for r in rows)
     w2 = max(len(r[1]) for r in rows)
