@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show every log line, workers' included")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help,
-                           description=f"{command.help}. Keys: {', '.join(all_keys(command.config))}")
+        p = sub.add_parser(
+            command.name, help=command.help, description=f"{command.help}. Keys: {', '.join(all_keys(command.config))}"
+        )
         p.add_argument("--config", help="YAML file of config keys")
         p.add_argument("--verbose", action="store_true", help="show every log line, workers' included")
     bench = sub.add_parser("bench", help="benchmarks (JSON out)")

@@ -37,42 +37,117 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("quickstart", "the main job end to end on the embedded defaults", C.QuickstartConfig,
-            "distilray.pipelines.quickstart:run", "table"),
-    Command("preprocess", "write train/validation/test JSON splits of a corpus", C.PreprocessConfig,
-            "distilray.pipelines.preprocess:run", example="--dataset NAME --output-dir DIR"),
-    Command("train-tokenizer", "train a byte-level BPE tokenizer on a corpus", C.TrainTokenizerConfig,
-            "distilray.pipelines.train_tokenizer:run", example="dataset=NAME vocab_size=4096"),
-    Command("train-lm", "train a causal LM with Ray Train", C.TrainLMConfig,
-            "distilray.pipelines.train_lm:run", example="model=mini steps=600 num_workers=2"),
-    Command("eval-ppl", "sliding-window perplexity of a causal LM on a corpus split", C.EvalPPLConfig,
-            "distilray.pipelines.eval_ppl:run", example="model=PATH --dataset NAME split=test"),
-    Command("extract", "CD-LM: token probabilities and hidden states of a corpus split, on Ray Data",
-            C.ExtractConfig, "distilray.pipelines.extract:run", example="model=PATH --dataset NAME"),
-    Command("build-datastore", "CD-LM: mine chunks and write the sharded datastore", C.BuildDatastoreConfig,
-            "distilray.pipelines.build_datastore:run", example="extract_dir=DIR"),
-    Command("cdlm-generate", "CD-LM: generate with the datastore (paper, verify or baseline mode)", C.CDLMGenerateConfig,
-            "distilray.pipelines.cdlm_generate:run", example="model=PATH datastore=DIR mode=paper"),
-    Command("cdlm-ppl", "CD-LM: perplexity by the chunk/token dynamic program beside the base LM's",
-            C.CDLMPerplexityConfig, "distilray.pipelines.cdlm_ppl:run",
-            example="model=PATH datastore=DIR --dataset NAME"),
-    Command("fit-ngram", "speculative decoding: count an n-gram drafter from a corpus on Ray Data", C.FitNGramConfig,
-            "distilray.pipelines.fit_ngram:run", example="tokenizer=MODEL_DIR n=3 --dataset NAME"),
-    Command("distill-drafter", "speculative decoding: train a CNN/LSTM/transformer drafter from the target "
-            "with Ray Train", C.DistillDrafterConfig, "distilray.pipelines.distill_drafter:run",
-            example="target=MODEL_DIR drafter=lstm loss=fkl data=on_policy"),
-    Command("train-seq2seq", "speculative decoding: a T5 summarizer (target), or a T5 drafter distilled from "
-            "it (teacher=), with Ray Train", C.TrainSeq2SeqConfig, "distilray.pipelines.train_seq2seq:run",
-            example="model=t5-mini [teacher=DIR loss=fkl]"),
+    Command(
+        "quickstart",
+        "the main job end to end on the embedded defaults",
+        C.QuickstartConfig,
+        "distilray.pipelines.quickstart:run",
+        "table",
+    ),
+    Command(
+        "preprocess",
+        "write train/validation/test JSON splits of a corpus",
+        C.PreprocessConfig,
+        "distilray.pipelines.preprocess:run",
+        example="--dataset NAME --output-dir DIR",
+    ),
+    Command(
+        "train-tokenizer",
+        "train a byte-level BPE tokenizer on a corpus",
+        C.TrainTokenizerConfig,
+        "distilray.pipelines.train_tokenizer:run",
+        example="dataset=NAME vocab_size=4096",
+    ),
+    Command(
+        "train-lm",
+        "train a causal LM with Ray Train",
+        C.TrainLMConfig,
+        "distilray.pipelines.train_lm:run",
+        example="model=mini steps=600 num_workers=2",
+    ),
+    Command(
+        "eval-ppl",
+        "sliding-window perplexity of a causal LM on a corpus split",
+        C.EvalPPLConfig,
+        "distilray.pipelines.eval_ppl:run",
+        example="model=PATH --dataset NAME split=test",
+    ),
+    Command(
+        "extract",
+        "CD-LM: token probabilities and hidden states of a corpus split, on Ray Data",
+        C.ExtractConfig,
+        "distilray.pipelines.extract:run",
+        example="model=PATH --dataset NAME",
+    ),
+    Command(
+        "build-datastore",
+        "CD-LM: mine chunks and write the sharded datastore",
+        C.BuildDatastoreConfig,
+        "distilray.pipelines.build_datastore:run",
+        example="extract_dir=DIR",
+    ),
+    Command(
+        "cdlm-generate",
+        "CD-LM: generate with the datastore (paper, verify or baseline mode)",
+        C.CDLMGenerateConfig,
+        "distilray.pipelines.cdlm_generate:run",
+        example="model=PATH datastore=DIR mode=paper",
+    ),
+    Command(
+        "cdlm-ppl",
+        "CD-LM: perplexity by the chunk/token dynamic program beside the base LM's",
+        C.CDLMPerplexityConfig,
+        "distilray.pipelines.cdlm_ppl:run",
+        example="model=PATH datastore=DIR --dataset NAME",
+    ),
+    Command(
+        "fit-ngram",
+        "speculative decoding: count an n-gram drafter from a corpus on Ray Data",
+        C.FitNGramConfig,
+        "distilray.pipelines.fit_ngram:run",
+        example="tokenizer=MODEL_DIR n=3 --dataset NAME",
+    ),
+    Command(
+        "distill-drafter",
+        "speculative decoding: train a CNN/LSTM/transformer drafter from the target with Ray Train",
+        C.DistillDrafterConfig,
+        "distilray.pipelines.distill_drafter:run",
+        example="target=MODEL_DIR drafter=lstm loss=fkl data=on_policy",
+    ),
+    Command(
+        "train-seq2seq",
+        "speculative decoding: a T5 summarizer (target), or a T5 drafter distilled from it (teacher=), with Ray Train",
+        C.TrainSeq2SeqConfig,
+        "distilray.pipelines.train_seq2seq:run",
+        example="model=t5-mini [teacher=DIR loss=fkl]",
+    ),
 )
 
 BENCHMARKS: tuple[Command, ...] = (
-    Command("train", "Ray Train tokens/s against a bare torch loop", C.BenchTrainConfig,
-            "distilray.bench.train:run", "table", example="--json OUT"),
-    Command("cdlm", "CD-LM: SCD, KCD, verify, extraction and datastore figures", C.BenchCDLMConfig,
-            "distilray.bench.cdlm:run", "table", example="--json OUT"),
-    Command("speculative", "speculative decoding: every drafter, baseline vs distilled, HF assisted, serving",
-            C.BenchSpeculativeConfig, "distilray.bench.speculative:run", "table", example="--json OUT"),
+    Command(
+        "train",
+        "Ray Train tokens/s against a bare torch loop",
+        C.BenchTrainConfig,
+        "distilray.bench.train:run",
+        "table",
+        example="--json OUT",
+    ),
+    Command(
+        "cdlm",
+        "CD-LM: SCD, KCD, verify, extraction and datastore figures",
+        C.BenchCDLMConfig,
+        "distilray.bench.cdlm:run",
+        "table",
+        example="--json OUT",
+    ),
+    Command(
+        "speculative",
+        "speculative decoding: every drafter, baseline vs distilled, HF assisted, serving",
+        C.BenchSpeculativeConfig,
+        "distilray.bench.speculative:run",
+        "table",
+        example="--json OUT",
+    ),
 )
 
 
@@ -95,7 +170,9 @@ def markdown_table() -> str:
     """README's command table."""
     rows = ["| command | what it does |", "|---|---|"]
     for command in COMMANDS:
-        rows.append(f"| `distilray {command.name}{' ' + command.example if command.example else ''}` | {command.help} |")
+        rows.append(
+            f"| `distilray {command.name}{' ' + command.example if command.example else ''}` | {command.help} |"
+        )
     for command in BENCHMARKS:
         rows.append(f"| `distilray bench {command.name} {command.example}` | {command.help} |")
     return "\n".join(rows)

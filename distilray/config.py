@@ -20,8 +20,8 @@ from typing import ClassVar, Literal
 from distilray.config_loading import (  # noqa: F401
     Config,
     all_keys,
-    choice,
     cache_key_fields,
+    choice,
     config_from,
     config_hash,
     config_to_dict,

@@ -38,8 +38,9 @@ class Config:
 
 def check_choice(key: str, value: Any, allowed: tuple, hint: str = "") -> None:
     if value not in allowed:
-        raise DistilrayError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}"
-                             + (f" ({hint})" if hint else ""))
+        raise DistilrayError(
+            f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}" + (f" ({hint})" if hint else "")
+        )
 
 
 def choice(default: str, hint: str) -> Any:
@@ -180,7 +181,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key in list(values):
         if not key.startswith(prefix):
             continue
-        name, dot, _ = key[len(prefix):].partition(".")
+        name, dot, _ = key[len(prefix) :].partition(".")
         if name not in fields or (dot and not dataclasses.is_dataclass(hints[name])):
             known = ", ".join(sorted(all_keys(cls, prefix)))
             raise DistilrayError(f"unknown config key {key!r} for {cls.__name__}; known keys: {known}")

@@ -114,8 +114,9 @@ def progress(total: int, desc: str, unit: str = "it", initial: int = 0):
 
     Use as a context manager, calling `update(n)`; a `total` of 0 counts without a total."""
     if sys.stderr.isatty() and not os.environ.get("CI"):
-        return tqdm(total=total or None, desc=desc, unit=unit, initial=initial, mininterval=1.0, leave=True,
-                    dynamic_ncols=True)
+        return tqdm(
+            total=total or None, desc=desc, unit=unit, initial=initial, mininterval=1.0, leave=True, dynamic_ncols=True
+        )
     return _LineProgress(total, desc, unit, initial)
 
 
@@ -189,8 +190,14 @@ class _StderrFilter:
             return
         cls._installed = True
         stream = sys.stderr
-        sys.stderr = open(terminal, "w", buffering=1, encoding=getattr(stream, "encoding", None) or "utf-8",
-                          errors="backslashreplace", closefd=False)
+        sys.stderr = open(
+            terminal,
+            "w",
+            buffering=1,
+            encoding=getattr(stream, "encoding", None) or "utf-8",
+            errors="backslashreplace",
+            closefd=False,
+        )
         os.dup2(write_end, 2)
         os.close(write_end)
         pump = threading.Thread(target=cls._pump, args=(read_end, terminal), name="distilray-stderr", daemon=True)
@@ -220,6 +227,6 @@ def _write_all(fd: int, data: bytes) -> None:
     every later write to stderr would block once the pipe is full."""
     try:
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
     except OSError:
         pass

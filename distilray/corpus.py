@@ -133,8 +133,10 @@ def _local_files(path: Path) -> list[Path]:
     if _is_preprocessed_dir(path):  # our own output: stats.json beside the splits is not text
         return [path / f"{s}.json" for s in SPLITS]
     return sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in LOCAL_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
 
@@ -157,8 +159,13 @@ def _wikitext_articles(path: Path) -> list[str]:
     articles: list[list[str]] = []
     for i, line in enumerate(lines):
         is_title = (
-            line.startswith(" = ") and line.endswith(" = ") and not line.startswith(" = = ")
-            and i > 0 and not lines[i - 1].strip() and i + 1 < len(lines) and not lines[i + 1].strip()
+            line.startswith(" = ")
+            and line.endswith(" = ")
+            and not line.startswith(" = = ")
+            and i > 0
+            and not lines[i - 1].strip()
+            and i + 1 < len(lines)
+            and not lines[i + 1].strip()
         )
         if is_title or not articles:
             articles.append([])
@@ -199,7 +206,7 @@ def _pydoc_topics() -> list[str]:
 # ----------------------------------------------------------------------------- Hugging Face
 def _load_hf(dataset: str, text_field: str) -> list[str]:
     """`hf:NAME[:CONFIG]` -> texts of all its splits. Offline mode is the user's choice (HF_HUB_OFFLINE)."""
-    parts = dataset[len("hf:"):].split(":")
+    parts = dataset[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 2:
         raise DistilrayError(f"bad Hugging Face dataset {dataset!r}: use hf:NAME or hf:NAME:CONFIG")
     name, config = parts[0], (parts[1] if len(parts) == 2 else None)
@@ -275,7 +282,10 @@ def _cut_long(doc: str, max_piece_chars: int) -> list[str]:
 
 
 def split_documents(
-    docs: list[str], val_fraction: float, test_fraction: float, seed: int,
+    docs: list[str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
     max_piece_chars: int = MAX_PIECE_CHARS,
 ) -> dict[str, list[str]]:
     """Deterministic train/validation/test split by a seeded shuffle.
@@ -304,7 +314,7 @@ def split_documents(
             n_test -= 1
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    where = {i: "test" for i in order[:n_test]} | {i: "validation" for i in order[n_test:n_test + n_val]}
+    where = {i: "test" for i in order[:n_test]} | {i: "validation" for i in order[n_test : n_test + n_val]}
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
     for i, piece in enumerate(pieces):
         out[where.get(i, "train")].append(piece)

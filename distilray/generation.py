@@ -9,7 +9,9 @@ from distilray.models.causal_lm import max_context
 
 
 @torch.no_grad()
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> str:
+def generate_text(
+    model, tokenizer, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0, top_k: int = 0, seed: int = 0
+) -> str:
     """Continue `prompt` with the model's KV cache; temperature 0 is greedy."""
     if max_new_tokens < 0:
         raise DistilrayError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -17,7 +19,9 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40, tempe
     if ids.size(1) == 0:
         ids = torch.tensor([[tokenizer.bos_token_id]])
     if ids.size(1) + max_new_tokens > max_context(model):
-        raise DistilrayError(f"prompt ({ids.size(1)} tokens) + max_new_tokens exceeds the model's context {max_context(model)}")
+        raise DistilrayError(
+            f"prompt ({ids.size(1)} tokens) + max_new_tokens exceeds the model's context {max_context(model)}"
+        )
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     out = model.generate(
@@ -30,11 +34,13 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40, tempe
         top_p=None,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.size(1) :], skip_special_tokens=True)
 
 
 @torch.no_grad()
-def sample_continuations(model, prompts: torch.Tensor, new_tokens: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+def sample_continuations(
+    model, prompts: torch.Tensor, new_tokens: int, temperature: float, generator: torch.Generator
+) -> torch.Tensor:
     """Batched ancestral sampling of fixed length (no early stop at EOS). prompts (B, P) -> (B, P + new_tokens).
 
     Hugging Face models decode with their KV cache; other networks (CNN, LSTM drafters: input_ids

@@ -12,11 +12,16 @@ from distilray.errors import DistilrayError
 
 
 def distilray(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "distilray.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "distilray.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_flags_map_to_config_keys():
-    assert flags_to_overrides(PreprocessConfig, ["--dataset", "wikitext2", "--output-dir=out"]) == ["corpus.dataset=wikitext2", "output_dir=out"]
+    assert flags_to_overrides(PreprocessConfig, ["--dataset", "wikitext2", "--output-dir=out"]) == [
+        "corpus.dataset=wikitext2",
+        "output_dir=out",
+    ]
     assert flags_to_overrides(TrainLMConfig, ["steps=3", "text_field=body"]) == ["steps=3", "corpus.text_field=body"]
     with pytest.raises(DistilrayError, match="needs a value"):
         flags_to_overrides(TrainLMConfig, ["--steps"])
@@ -60,7 +65,15 @@ def test_eval_ppl_on_a_saved_model(small_tokenizer, tmp_path):
     torch.manual_seed(0)
     build_causal_lm("tiny", tok).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    r = distilray("eval-ppl", f"model={tmp_path / 'm'}", "--dataset", "tinyshakespeare", "context_len=64", "max_tokens=2000", f"output={tmp_path / 'ppl.json'}")
+    r = distilray(
+        "eval-ppl",
+        f"model={tmp_path / 'm'}",
+        "--dataset",
+        "tinyshakespeare",
+        "context_len=64",
+        "max_tokens=2000",
+        f"output={tmp_path / 'ppl.json'}",
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "ppl.json").read_text())
     # an untrained model is close to uniform over its vocabulary

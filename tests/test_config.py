@@ -128,8 +128,11 @@ def test_choices_are_checked_however_the_config_is_built():
 def test_one_rule_for_the_cache_key():
     base = TrainLMConfig()
     # how a run is spread and checkpointed, and where it writes, never change what it trains
-    same = [replace_keys(base, num_workers=4, use_gpu="true", cpus_per_worker=3), replace_keys(base, every=5, keep=9),
-            replace_keys(base, artifacts_dir="/elsewhere", name="x")]
+    same = [
+        replace_keys(base, num_workers=4, use_gpu="true", cpus_per_worker=3),
+        replace_keys(base, every=5, keep=9),
+        replace_keys(base, artifacts_dir="/elsewhere", name="x"),
+    ]
     assert {config_hash(c) for c in same} == {config_hash(base)}
     # what is trained does
     changed = [replace_keys(base, lr=1e-4), replace_keys(base, steps=1), replace_keys(base, dataset="wikitext2")]

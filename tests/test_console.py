@@ -11,8 +11,10 @@ from distilray import console
 
 
 def test_ray_core_lines_are_recognised():
-    line = (b"[2026-11-30 20:23:54,661 E 7743 7743] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
-            b"has constructor arguments in the object store and max_restarts > 0.")
+    line = (
+        b"[2026-11-30 20:23:54,661 E 7743 7743] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+        b"has constructor arguments in the object store and max_restarts > 0."
+    )
     assert console.RAY_CORE_LINE.match(line)
     assert console.RAY_CORE_LINE.match(b"[2026-11-30 20:23:54,661 I 1 2] logging.cc:303: Set ray log level")
     assert not console.RAY_CORE_LINE.match(b"[2026-11-30 20:23:54,661 F 1 2] core_worker.cc:1: check failed")
@@ -70,8 +72,17 @@ def test_a_command_is_quiet_by_default_and_verbose_on_request(small_tokenizer, t
     text.write_text("\n\n".join(f"Paragraph {i}: the cat sat on the mat, the dog on the log." for i in range(60)))
 
     def fit_ngram(out: str, **env):
-        args = [sys.executable, "-m", "distilray.cli", "fit-ngram", f"tokenizer={tok_dir}", "n=2", "num_blocks=2",
-                f"corpus.dataset={text}", f"output_dir={tmp_path / out}"]
+        args = [
+            sys.executable,
+            "-m",
+            "distilray.cli",
+            "fit-ngram",
+            f"tokenizer={tok_dir}",
+            "n=2",
+            "num_blocks=2",
+            f"corpus.dataset={text}",
+            f"output_dir={tmp_path / out}",
+        ]
         environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", console.VERBOSE_ENV, "CI")}
         return subprocess.run(args, capture_output=True, text=True, timeout=180, env={**environ, **env})
 

@@ -8,11 +8,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pydoc_data.topics import topics
 
 from distilray import corpus
 from distilray.config import CorpusSpec
@@ -51,7 +51,9 @@ def test_txt_file_is_one_document(tmp_path: Path) -> None:
 
 
 def test_jsonl_with_custom_text_field_drops_empty_records(tmp_path: Path) -> None:
-    f = _write_jsonl(tmp_path / "d.jsonl", [{"body": "first", "id": 1}, {"body": "   "}, {"body": None}, {"body": "second"}])
+    f = _write_jsonl(
+        tmp_path / "d.jsonl", [{"body": "first", "id": 1}, {"body": "   "}, {"body": None}, {"body": "second"}]
+    )
     f.write_text(f.read_text() + "\n\n", encoding="utf-8")  # trailing blank lines are not records
     assert load_documents(str(f), text_field="body") == ["first", "second"]
 
@@ -95,7 +97,14 @@ def test_pydoc_is_the_default_and_sorted_by_topic() -> None:
 # ---------------------------------------------------------------------------- ../shared/data
 def test_known_datasets_lists_every_named_set() -> None:
     assert set(known_datasets()) == {
-        "pydoc", "tinyshakespeare", "wikitext2", "dockerfile", "medquad", "cnndm", "gutenberg", "lambada-dev",
+        "pydoc",
+        "tinyshakespeare",
+        "wikitext2",
+        "dockerfile",
+        "medquad",
+        "cnndm",
+        "gutenberg",
+        "lambada-dev",
     }
 
 

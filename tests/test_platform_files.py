@@ -79,14 +79,32 @@ def test_config_values_are_the_intended_ones() -> None:
         return load_config(config_class(_header_command(ROOT / "configs" / name)[0]), str(ROOT / "configs" / name))
 
     small = load("train_lm_small.yaml")
-    assert (small.model, small.corpus.dataset, small.seq_len, small.batch_size, small.steps, small.scale.num_workers) == (
-        "mini", "tinyshakespeare", 128, 16, 600, 2,
+    assert (
+        small.model,
+        small.corpus.dataset,
+        small.seq_len,
+        small.batch_size,
+        small.steps,
+        small.scale.num_workers,
+    ) == (
+        "mini",
+        "tinyshakespeare",
+        128,
+        16,
+        600,
+        2,
     )
     target = load("train_lm_target_cpu.yaml")
     assert (target.model, target.corpus.dataset, target.steps, target.seq_len) == ("small", "pydoc", 2000, 256)
     big = load("train_lm_gpt2_cluster.yaml")
     assert (big.model, big.tokenizer, big.corpus.dataset) == ("gpt2", "gpt2", "hf:wikitext:wikitext-103-raw-v1")
-    assert (big.seq_len, big.batch_size, big.steps, big.optim.lr, big.optim.warmup_steps) == (1024, 256, 20000, 6e-4, 2000)
+    assert (big.seq_len, big.batch_size, big.steps, big.optim.lr, big.optim.warmup_steps) == (
+        1024,
+        256,
+        20000,
+        6e-4,
+        2000,
+    )
     assert (big.scale.num_workers, big.scale.use_gpu, big.checkpoint.every) == (8, "true", 1000)
     assert big.batch_size % big.scale.num_workers == 0  # the global batch splits evenly across workers
     ev = load("eval_ppl_wikitext2.yaml")
@@ -160,7 +178,9 @@ def test_cluster_node_types_have_the_right_resources(cluster: dict) -> None:
     assert any(t.get("resources", {}).get("datastore", 0) >= 1 for t in types.values()), "no datastore resource"
     assert types["datastore_worker"]["resources"]["datastore"] == 4
     assert types["datastore_worker"]["node_config"]["InstanceType"].startswith("r5.")
-    spot = [n for n, t in types.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    spot = [
+        n for n, t in types.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    ]
     assert spot == ["gpu_spot_worker"]
     assert types["gpu_spot_worker"]["resources"].get("GPU", 0) >= 1
 

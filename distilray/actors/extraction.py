@@ -26,8 +26,9 @@ def shard_done(out_dir: str | Path, shard_id: int, save_hidden: bool) -> bool:
 class ExtractShardWorker:
     """Loads the model(s) once per actor; each call scores whole shards (one row = one shard)."""
 
-    def __init__(self, model: str, datastore_model: str, out_dir: str, batch_size: int, save_hidden: bool,
-                 threads: int = 0):
+    def __init__(
+        self, model: str, datastore_model: str, out_dir: str, batch_size: int, save_hidden: bool, threads: int = 0
+    ):
         console.quiet_worker()
         if threads:
             torch.set_num_threads(threads)

@@ -17,7 +17,9 @@ def mine_rows(rows, threshold: float) -> ChunkTrie:
     trie = ChunkTrie()
     for row in rows:
         probs = np.nan_to_num(row["probs"], nan=0.0)  # position 0 has no context: never confident
-        trie.insert_many(mine_window(np.asarray(row["token_ids"]), probs, threshold, int(row["skip"]), int(row["window_id"])))
+        trie.insert_many(
+            mine_window(np.asarray(row["token_ids"]), probs, threshold, int(row["skip"]), int(row["window_id"]))
+        )
     return trie
 
 
@@ -39,7 +41,16 @@ def trie_rows(trie: ChunkTrie, max_keys_per_chunk: int | None = None):
     return np.concatenate(entries), np.concatenate(key_chunk), np.concatenate(positions), table
 
 
-def datastore_from_sequences(model, sequences: list[list[int]], threshold: float, folder: str | Path, num_shards: int, tokenizer_fingerprint: str, batch_size: int = 8, provenance: dict | None = None) -> dict:
+def datastore_from_sequences(
+    model,
+    sequences: list[list[int]],
+    threshold: float,
+    folder: str | Path,
+    num_shards: int,
+    tokenizer_fingerprint: str,
+    batch_size: int = 8,
+    provenance: dict | None = None,
+) -> dict:
     """Score whole token sequences (one window each), mine them and write a datastore. Returns the manifest."""
     rows, hidden = [], []
     for i in range(0, len(sequences), batch_size):
@@ -48,6 +59,18 @@ def datastore_from_sequences(model, sequences: list[list[int]], threshold: float
             rows.append({"token_ids": np.asarray(sequences[i + j]), "probs": p, "skip": 0, "window_id": i + j})
             hidden.append(h)
     entries, chunk_ids, positions, table = trie_rows(mine_rows(rows, threshold))
-    keys = np.stack([hidden[w][p] for w, p in positions]) if len(positions) else np.zeros((0, hidden[0].shape[1]), np.float16)
-    return write_datastore(folder, entry_tokens=entries, keys=keys, chunk_ids=chunk_ids, chunks=table, num_shards=num_shards,
-                           tokenizer_fingerprint=tokenizer_fingerprint, provenance={"synthetic": False, **(provenance or {})})
+    keys = (
+        np.stack([hidden[w][p] for w, p in positions])
+        if len(positions)
+        else np.zeros((0, hidden[0].shape[1]), np.float16)
+    )
+    return write_datastore(
+        folder,
+        entry_tokens=entries,
+        keys=keys,
+        chunk_ids=chunk_ids,
+        chunks=table,
+        num_shards=num_shards,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        provenance={"synthetic": False, **(provenance or {})},
+    )

@@ -31,8 +31,13 @@ from distilray.io_utils import atomic_path, atomic_write_json
 FORMAT_VERSION = 1
 MANIFEST_NAME = "datastore.json"
 # Dataset name (also the ShardData field) -> on-disk dtype.
-_DATASETS = {"entry_token": np.int32, "keys": np.float16, "chunk_id": np.int32,
-             "chunk_tokens": np.int32, "chunk_offsets": np.int64}
+_DATASETS = {
+    "entry_token": np.int32,
+    "keys": np.float16,
+    "chunk_id": np.int32,
+    "chunk_tokens": np.int32,
+    "chunk_offsets": np.int64,
+}
 _ATTRS = ("format_version", "shard_index", "num_shards", "hidden_dim", "tokenizer_fingerprint")
 _F16_MAX = float(np.finfo(np.float16).max)
 _INT32_MAX = int(np.iinfo(np.int32).max)
@@ -99,9 +104,17 @@ class ShardData:
         return tuple(int(t) for t in self.chunk_tokens[start:end])
 
     @classmethod
-    def from_rows(cls, *, entry_tokens: np.ndarray, keys: np.ndarray, chunk_ids: np.ndarray,
-                  chunks: Sequence[Sequence[int]], shard_index: int = 0, num_shards: int = 1,
-                  tokenizer_fingerprint: str = "") -> "ShardData":
+    def from_rows(
+        cls,
+        *,
+        entry_tokens: np.ndarray,
+        keys: np.ndarray,
+        chunk_ids: np.ndarray,
+        chunks: Sequence[Sequence[int]],
+        shard_index: int = 0,
+        num_shards: int = 1,
+        tokenizer_fingerprint: str = "",
+    ) -> "ShardData":
         """Validate rows, sort them by entry token and keep only the chunks they reference.
 
         entry_tokens: (n,) ints, all owned by `shard_index`; keys: (n, d) floats;
@@ -112,8 +125,10 @@ class ShardData:
         keys = np.asarray(keys)
         n = entry.shape[0] if entry.ndim == 1 else -1
         if n < 0 or ids.shape != (n,) or keys.ndim != 2 or keys.shape[0] != n:
-            raise DistilrayError(f"shard rows disagree: entry_tokens {entry.shape}, keys {keys.shape}, "
-                                 f"chunk_ids {ids.shape} (expected (n,), (n, d), (n,))")
+            raise DistilrayError(
+                f"shard rows disagree: entry_tokens {entry.shape}, keys {keys.shape}, "
+                f"chunk_ids {ids.shape} (expected (n,), (n, d), (n,))"
+            )
         if keys.shape[1] < 1:
             raise DistilrayError("keys must have a hidden dimension >= 1")
         for name, arr in (("entry_tokens", entry), ("chunk_ids", ids)):
@@ -124,8 +139,9 @@ class ShardData:
         wrong = entry[shard_of(entry, num_shards) != int(shard_index)]
         if wrong.size:
             bad = int(wrong[0])
-            raise DistilrayError(f"entry token {bad} belongs to shard {bad % int(num_shards)}, "
-                                 f"not shard {shard_index} of {num_shards}")
+            raise DistilrayError(
+                f"entry token {bad} belongs to shard {bad % int(num_shards)}, not shard {shard_index} of {num_shards}"
+            )
         if n and (ids.min() < 0 or ids.max() >= len(chunks)):
             raise DistilrayError(f"chunk ids must index the {len(chunks)} chunks given")
         keys16 = _to_float16(keys)
@@ -141,9 +157,16 @@ class ShardData:
         if any(len(c) == 0 for c in table):
             raise DistilrayError("a datastore chunk must hold at least one token")
         flat, offsets = pack_chunks(table)
-        return cls(entry_token=entry, keys=keys16, chunk_id=local.reshape(-1).astype(np.int32),
-                   chunk_tokens=flat, chunk_offsets=offsets, shard_index=int(shard_index),
-                   num_shards=int(num_shards), tokenizer_fingerprint=str(tokenizer_fingerprint))
+        return cls(
+            entry_token=entry,
+            keys=keys16,
+            chunk_id=local.reshape(-1).astype(np.int32),
+            chunk_tokens=flat,
+            chunk_offsets=offsets,
+            shard_index=int(shard_index),
+            num_shards=int(num_shards),
+            tokenizer_fingerprint=str(tokenizer_fingerprint),
+        )
 
 
 def _to_float16(keys: np.ndarray, block: int = 65536) -> np.ndarray:
@@ -165,14 +188,26 @@ def _write_h5_atomic(path: Path, data: ShardData) -> None:
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for name, dtype in _DATASETS.items():
             f.create_dataset(name, data=getattr(data, name), dtype=dtype)
-        f.attrs.update(format_version=FORMAT_VERSION, shard_index=data.shard_index,
-                       num_shards=data.num_shards, hidden_dim=data.hidden_dim,
-                       tokenizer_fingerprint=data.tokenizer_fingerprint)
+        f.attrs.update(
+            format_version=FORMAT_VERSION,
+            shard_index=data.shard_index,
+            num_shards=data.num_shards,
+            hidden_dim=data.hidden_dim,
+            tokenizer_fingerprint=data.tokenizer_fingerprint,
+        )
 
 
-def write_shard(path: str | Path, *, entry_tokens: np.ndarray, keys: np.ndarray, chunk_ids: np.ndarray,
-                chunks: Sequence[Sequence[int]], shard_index: int, num_shards: int,
-                tokenizer_fingerprint: str) -> dict[str, Any]:
+def write_shard(
+    path: str | Path,
+    *,
+    entry_tokens: np.ndarray,
+    keys: np.ndarray,
+    chunk_ids: np.ndarray,
+    chunks: Sequence[Sequence[int]],
+    shard_index: int,
+    num_shards: int,
+    tokenizer_fingerprint: str,
+) -> dict[str, Any]:
     """Write one shard file atomically (see module docstring for the layout).
 
     entry_tokens: (n,) ints, each with `token % num_shards == shard_index`; keys: (n, d) floats
@@ -180,12 +215,22 @@ def write_shard(path: str | Path, *, entry_tokens: np.ndarray, keys: np.ndarray,
     table: only the referenced chunks are written, re-indexed.
     Returns {"file", "num_keys", "num_chunks", "chunk_tokens"} for the manifest.
     """
-    data = ShardData.from_rows(entry_tokens=entry_tokens, keys=keys, chunk_ids=chunk_ids, chunks=chunks,
-                               shard_index=shard_index, num_shards=num_shards,
-                               tokenizer_fingerprint=tokenizer_fingerprint)
+    data = ShardData.from_rows(
+        entry_tokens=entry_tokens,
+        keys=keys,
+        chunk_ids=chunk_ids,
+        chunks=chunks,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+    )
     _write_h5_atomic(Path(path), data)
-    return {"file": Path(path).name, "num_keys": data.num_keys, "num_chunks": data.num_chunks,
-            "chunk_tokens": int(data.chunk_tokens.shape[0])}
+    return {
+        "file": Path(path).name,
+        "num_keys": data.num_keys,
+        "num_chunks": data.num_chunks,
+        "chunk_tokens": int(data.chunk_tokens.shape[0]),
+    }
 
 
 def _corrupt(path: Path, why: str) -> DistilrayError:
@@ -215,7 +260,9 @@ def read_shard(path: str | Path) -> ShardData:
         raise _corrupt(path, f"format_version {attrs['format_version']}, expected {FORMAT_VERSION}")
     fingerprint = attrs["tokenizer_fingerprint"]
     data = ShardData(
-        **arrays, shard_index=int(attrs["shard_index"]), num_shards=int(attrs["num_shards"]),
+        **arrays,
+        shard_index=int(attrs["shard_index"]),
+        num_shards=int(attrs["num_shards"]),
         tokenizer_fingerprint=fingerprint.decode() if isinstance(fingerprint, bytes) else str(fingerprint),
         path=str(path),
     )
@@ -229,8 +276,10 @@ def _shape_problem(d: ShardData, hidden_dim: int) -> str | None:
     """Describe the first inconsistency between a shard's arrays, or None when they agree."""
     n = d.entry_token.shape[0] if d.entry_token.ndim == 1 else -1
     if n < 0 or d.keys.shape != (n, hidden_dim) or d.chunk_id.shape != (n,):
-        return (f"inconsistent shapes: entry_token {d.entry_token.shape}, keys {d.keys.shape}, "
-                f"chunk_id {d.chunk_id.shape}, hidden_dim {hidden_dim}")
+        return (
+            f"inconsistent shapes: entry_token {d.entry_token.shape}, keys {d.keys.shape}, "
+            f"chunk_id {d.chunk_id.shape}, hidden_dim {hidden_dim}"
+        )
     offsets = d.chunk_offsets
     if d.chunk_tokens.ndim != 1 or offsets.ndim != 1 or offsets.shape[0] < 1:
         return "chunk table arrays must be 1-D with at least one offset"
@@ -238,8 +287,9 @@ def _shape_problem(d: ShardData, hidden_dim: int) -> str | None:
         return "chunk_offsets do not describe non-empty chunks covering chunk_tokens"
     if n and (d.chunk_id.min() < 0 or d.chunk_id.max() >= d.num_chunks):
         return "chunk_id outside the chunk table"
-    if n and (np.any(d.entry_token[1:] < d.entry_token[:-1])
-              or np.any(d.entry_token % max(d.num_shards, 1) != d.shard_index)):
+    if n and (
+        np.any(d.entry_token[1:] < d.entry_token[:-1]) or np.any(d.entry_token % max(d.num_shards, 1) != d.shard_index)
+    ):
         return "entry tokens unsorted or not owned by this shard"
     return None
 
@@ -307,9 +357,17 @@ def manifest_stats(shard_stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_datastore(folder: str | Path, *, entry_tokens: np.ndarray, keys: np.ndarray,
-                    chunk_ids: np.ndarray, chunks: Sequence[Sequence[int]], num_shards: int,
-                    tokenizer_fingerprint: str, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_datastore(
+    folder: str | Path,
+    *,
+    entry_tokens: np.ndarray,
+    keys: np.ndarray,
+    chunk_ids: np.ndarray,
+    chunks: Sequence[Sequence[int]],
+    num_shards: int,
+    tokenizer_fingerprint: str,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Partition in-memory rows (n,), (n, d), (n,) by entry token into shard files plus manifest.
 
     For datastores too big for memory, call write_shard per shard and write_manifest instead.
@@ -324,17 +382,36 @@ def write_datastore(folder: str | Path, *, entry_tokens: np.ndarray, keys: np.nd
     stats = []
     for s in range(int(num_shards)):
         rows = np.flatnonzero(owner == s)
-        stats.append(write_shard(folder / shard_file_name(s, num_shards), entry_tokens=entry[rows],
-                                 keys=keys[rows], chunk_ids=np.asarray(chunk_ids)[rows], chunks=chunks,
-                                 shard_index=s, num_shards=num_shards,
-                                 tokenizer_fingerprint=tokenizer_fingerprint))
-    info = {**(provenance or {}), **manifest_stats(stats),
-            "tokenizer_fingerprint": tokenizer_fingerprint, "hidden_dim": int(keys.shape[1])}
+        stats.append(
+            write_shard(
+                folder / shard_file_name(s, num_shards),
+                entry_tokens=entry[rows],
+                keys=keys[rows],
+                chunk_ids=np.asarray(chunk_ids)[rows],
+                chunks=chunks,
+                shard_index=s,
+                num_shards=num_shards,
+                tokenizer_fingerprint=tokenizer_fingerprint,
+            )
+        )
+    info = {
+        **(provenance or {}),
+        **manifest_stats(stats),
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "hidden_dim": int(keys.shape[1]),
+    }
     return write_manifest(folder, info)
 
 
-def write_synthetic_datastore(folder: str | Path, num_keys: int, hidden_dim: int, vocab_size: int,
-                              num_shards: int, seed: int, mean_chunk_len: int = 4) -> dict[str, Any]:
+def write_synthetic_datastore(
+    folder: str | Path,
+    num_keys: int,
+    hidden_dim: int,
+    vocab_size: int,
+    num_shards: int,
+    seed: int,
+    mean_chunk_len: int = 4,
+) -> dict[str, Any]:
     """Random datastore for latency benchmarks: unit-norm Gaussian keys, random chunks.
 
     Entry tokens are uniform over the vocabulary; each shard gets about two keys per distinct
@@ -343,8 +420,9 @@ def write_synthetic_datastore(folder: str | Path, num_keys: int, hidden_dim: int
     """
     num_keys, hidden_dim, vocab_size, num_shards = int(num_keys), int(hidden_dim), int(vocab_size), int(num_shards)
     if num_keys < 0 or hidden_dim < 1 or vocab_size < 1 or num_shards < 1 or mean_chunk_len < 1:
-        raise DistilrayError("synthetic datastore needs num_keys >= 0 and hidden_dim, vocab_size, "
-                             "num_shards, mean_chunk_len >= 1")
+        raise DistilrayError(
+            "synthetic datastore needs num_keys >= 0 and hidden_dim, vocab_size, num_shards, mean_chunk_len >= 1"
+        )
     folder = Path(folder)
     rng = np.random.default_rng(seed)
     # Tokens owned by shard s: s, s + N, s + 2N, ... below vocab_size; keys split in proportion.
@@ -364,10 +442,25 @@ def write_synthetic_datastore(folder: str | Path, num_keys: int, hidden_dim: int
         flat = rng.integers(0, vocab_size, size=int(lengths.sum()))
         bounds = np.concatenate(([0], np.cumsum(lengths)))
         chunks = [flat[bounds[i] : bounds[i + 1]].tolist() for i in range(n_chunks)]
-        stats.append(write_shard(folder / shard_file_name(s, num_shards), entry_tokens=entry, keys=keys,
-                                 chunk_ids=rng.integers(0, n_chunks, size=n), chunks=chunks, shard_index=s,
-                                 num_shards=num_shards, tokenizer_fingerprint="synthetic"))
+        stats.append(
+            write_shard(
+                folder / shard_file_name(s, num_shards),
+                entry_tokens=entry,
+                keys=keys,
+                chunk_ids=rng.integers(0, n_chunks, size=n),
+                chunks=chunks,
+                shard_index=s,
+                num_shards=num_shards,
+                tokenizer_fingerprint="synthetic",
+            )
+        )
         del keys, chunks, flat
-    info = {**manifest_stats(stats), "tokenizer_fingerprint": "synthetic", "hidden_dim": hidden_dim,
-            "synthetic": True, "seed": int(seed), "vocab_size": vocab_size}
+    info = {
+        **manifest_stats(stats),
+        "tokenizer_fingerprint": "synthetic",
+        "hidden_dim": hidden_dim,
+        "synthetic": True,
+        "seed": int(seed),
+        "vocab_size": vocab_size,
+    }
     return write_manifest(folder, info)

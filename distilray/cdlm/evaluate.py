@@ -53,7 +53,10 @@ def perplexities(proposals: Sequence[Proposals], q_func: str, max_prob: float = 
         lm_total += float(p.lm_logprobs.sum())
         cd_total += cdlm_log_likelihood(p.lm_logprobs, p.chunks, q, p.targets)
         n_total += len(p.targets)
-        hits += sum(c is not None and tuple(p.targets[t : t + len(c)]) == tuple(c[: len(p.targets) - t]) for t, c in enumerate(p.chunks))
+        hits += sum(
+            c is not None and tuple(p.targets[t : t + len(c)]) == tuple(c[: len(p.targets) - t])
+            for t, c in enumerate(p.chunks)
+        )
     return {
         "ppl_base": float(np.exp(-lm_total / n_total)),
         "ppl_cdlm": float(np.exp(-cd_total / n_total)),
@@ -64,5 +67,7 @@ def perplexities(proposals: Sequence[Proposals], q_func: str, max_prob: float = 
     }
 
 
-def corpus_perplexities(model, sequences: Sequence[np.ndarray], batch_lookup: BatchLookup, q_func: str, max_prob: float = 1.0) -> dict:
+def corpus_perplexities(
+    model, sequences: Sequence[np.ndarray], batch_lookup: BatchLookup, q_func: str, max_prob: float = 1.0
+) -> dict:
     return perplexities([sequence_proposals(model, s, batch_lookup) for s in sequences], q_func, max_prob)

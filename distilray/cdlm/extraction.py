@@ -66,7 +66,13 @@ def score_windows(
     picked = logp.gather(-1, ids[:, 1:, None]).squeeze(-1).exp()  # (B, W-1)
     hidden = None
     if want_hidden:
-        states = out.hidden_states[-1] if same else model_gen(input_ids=ids.to(next(model_gen.parameters()).device), attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        states = (
+            out.hidden_states[-1]
+            if same
+            else model_gen(
+                input_ids=ids.to(next(model_gen.parameters()).device), attention_mask=mask, output_hidden_states=True
+            ).hidden_states[-1]
+        )
         hidden = [states[row, : len(w)].to(torch.float16).cpu().numpy() for row, w in enumerate(windows)]
     probs = []
     for row, w in enumerate(windows):

@@ -191,9 +191,7 @@ class ShardIndex:
         c = int(self._chunk_id[row])
         return tuple(int(t) for t in self._chunk_tokens[self._chunk_offsets[c] : self._chunk_offsets[c + 1]])
 
-    def lookup_batch(
-        self, entries: np.ndarray, queries: np.ndarray
-    ) -> list[tuple[tuple[int, ...] | None, float]]:
+    def lookup_batch(self, entries: np.ndarray, queries: np.ndarray) -> list[tuple[tuple[int, ...] | None, float]]:
         """search + chunk: per query (chunk token ids, cosine), or (None, -inf) on no keys."""
         rows, sims = self.search(entries, queries)
         return [(self.chunk(r) if r >= 0 else None, float(s)) for r, s in zip(rows.tolist(), sims.tolist())]

@@ -63,9 +63,7 @@ def _find_runs(above: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), ends.tolist()))
 
 
-def mine_window(
-    token_ids: np.ndarray, probs: np.ndarray, threshold: float, skip: int, window_id: int
-) -> list[Phrase]:
+def mine_window(token_ids: np.ndarray, probs: np.ndarray, threshold: float, skip: int, window_id: int) -> list[Phrase]:
     """Mine every phrase suffix of one window.
 
     token_ids: (T,) integer token ids of the window.
@@ -119,9 +117,7 @@ def mine_window(
     return phrases
 
 
-def mine_windows(
-    windows: Iterable[tuple[int, np.ndarray, np.ndarray, int]], threshold: float
-) -> list[Phrase]:
+def mine_windows(windows: Iterable[tuple[int, np.ndarray, np.ndarray, int]], threshold: float) -> list[Phrase]:
     """Mine a sequence of (window_id, token_ids (T,), probs (T,), skip) tuples; phrases in input order."""
     threshold = _check_threshold(threshold)
     phrases: list[Phrase] = []

@@ -89,9 +89,7 @@ def _check_inputs(
         raise DistilrayError(f"lm_logprobs must be a non-empty 1-D array, got shape {lp.shape}")
     n = lp.shape[0]
     if toks.shape != (n,) or qq.shape != (n,) or len(chunks) != n:
-        raise DistilrayError(
-            f"tokens {toks.shape}, q {qq.shape} and chunks ({len(chunks)}) must all have length N={n}"
-        )
+        raise DistilrayError(f"tokens {toks.shape}, q {qq.shape} and chunks ({len(chunks)}) must all have length N={n}")
     if np.isnan(lp).any():
         raise DistilrayError("lm_logprobs contain NaN")
     if np.isnan(qq).any() or (qq < 0).any() or (qq > 1).any():

@@ -13,8 +13,9 @@ import numpy as np
 from distilray.errors import DistilrayError
 
 
-def mauve(human: np.ndarray, model: np.ndarray, num_clusters: int | None = None, scaling: float = 5.0,
-          seed: int = 0) -> float:
+def mauve(
+    human: np.ndarray, model: np.ndarray, num_clusters: int | None = None, scaling: float = 5.0, seed: int = 0
+) -> float:
     """MAUVE of two feature matrices human # (n, d) and model # (m, d).
 
     `num_clusters` None takes the library's rule, min(n, m) / 10 buckets (at least 2): with the few
@@ -28,7 +29,11 @@ def mauve(human: np.ndarray, model: np.ndarray, num_clusters: int | None = None,
     human, model = np.asarray(human, dtype=np.float32), np.asarray(model, dtype=np.float32)
     buckets = "auto" if num_clusters is None else max(2, min(int(num_clusters), len(human) + len(model)))
     out = mauve_text.compute_mauve(
-        p_features=human, q_features=model, num_buckets=buckets, mauve_scaling_factor=scaling, seed=seed,
+        p_features=human,
+        q_features=model,
+        num_buckets=buckets,
+        mauve_scaling_factor=scaling,
+        seed=seed,
         verbose=False,
     )
     return float(out.mauve)

@@ -9,7 +9,9 @@ import torch
 
 
 @torch.no_grad()
-def sliding_window_nll(model, tokens: np.ndarray, context_len: int, stride: int, batch_size: int = 8) -> tuple[float, int]:
+def sliding_window_nll(
+    model, tokens: np.ndarray, context_len: int, stride: int, batch_size: int = 8
+) -> tuple[float, int]:
     """Sum of -log p(x_t | up to `context_len` previous tokens) over tokens[1:], and how many were scored.
 
     Windows of `context_len` start every `stride` tokens; each scores only the tokens that earlier

@@ -24,7 +24,11 @@ def acceptance_vs_gamma(scan: dict[str, dict[int, dict]], path: str | Path, titl
         ax_s.plot(gammas, [by_gamma[g]["speedup_theoretical"] for g in gammas], "--", color=color, alpha=0.6)
     ax_a.set(xlabel="gamma (draft length)", ylabel="alpha = A / (A + R)", title="acceptance", ylim=(0, 1))
     ax_s.axhline(1.0, color="grey", lw=0.8)
-    ax_s.set(xlabel="gamma (draft length)", ylabel="speedup over plain decoding", title="speedup: measured (solid), theoretical (dashed)")
+    ax_s.set(
+        xlabel="gamma (draft length)",
+        ylabel="speedup over plain decoding",
+        title="speedup: measured (solid), theoretical (dashed)",
+    )
     ax_a.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

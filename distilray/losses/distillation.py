@@ -31,7 +31,9 @@ def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def _pair(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     if p_logits.shape != q_logits.shape:
-        raise DistilrayError(f"teacher logits {tuple(p_logits.shape)} and student logits {tuple(q_logits.shape)} differ")
+        raise DistilrayError(
+            f"teacher logits {tuple(p_logits.shape)} and student logits {tuple(q_logits.shape)} differ"
+        )
     return _log_probs(p_logits, temperature), _log_probs(q_logits, temperature)
 
 

@@ -134,5 +134,6 @@ def check_prompt(model, prompt_ids, max_new_tokens: int) -> None:
     limit = max_context(model)
     if len(prompt_ids) + max_new_tokens > limit:
         raise DistilrayError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}"
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {limit}"
         )

@@ -21,8 +21,9 @@ def save_module(module: torch.nn.Module, config, arch: str, folder: str | Path, 
         atomic_write_json(tmp / "config.json", {"architecture": arch, **dataclasses.asdict(config)})
 
 
-def load_weights(model: torch.nn.Module, folder: str | Path, device: str | torch.device = "cpu",
-                 ties: dict[str, str] | None = None) -> torch.nn.Module:
+def load_weights(
+    model: torch.nn.Module, folder: str | Path, device: str | torch.device = "cpu", ties: dict[str, str] | None = None
+) -> torch.nn.Module:
     """Fill `model` from folder/model.safetensors; `ties` maps a dropped key to the key it copies."""
     state = load_file(str(Path(folder) / "model.safetensors"))
     for dropped, source in (ties or {}).items():

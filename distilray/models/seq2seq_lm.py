@@ -33,10 +33,18 @@ class T5Size:
 
 
 SEQ2SEQ_PRESETS: dict[str, T5Size] = {
-    "t5-micro": T5Size(d_model=64, d_ff=256, num_layers=2, num_decoder_layers=1, num_heads=2, d_kv=32),  # ~0.3M: tests, tiny drafter
-    "t5-tiny": T5Size(d_model=128, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32),  # ~1.2M: drafter
-    "t5-mini": T5Size(d_model=256, d_ff=1024, num_layers=3, num_decoder_layers=3, num_heads=4, d_kv=64),  # ~6M: CPU target
-    "t5-small": T5Size(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64),  # T5-small's shape
+    "t5-micro": T5Size(
+        d_model=64, d_ff=256, num_layers=2, num_decoder_layers=1, num_heads=2, d_kv=32
+    ),  # ~0.3M: tests, tiny drafter
+    "t5-tiny": T5Size(
+        d_model=128, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32
+    ),  # ~1.2M: drafter
+    "t5-mini": T5Size(
+        d_model=256, d_ff=1024, num_layers=3, num_decoder_layers=3, num_heads=4, d_kv=64
+    ),  # ~6M: CPU target
+    "t5-small": T5Size(
+        d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64
+    ),  # T5-small's shape
 }
 
 
@@ -151,8 +159,17 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     return shifted.masked_fill(shifted == IGNORE, pad_id)
 
 
-def seq2seq_loss(model, src: torch.Tensor, labels: torch.Tensor, pad_id: int, start_id: int, teacher=None,
-                 kind: str = "fkl", temperature: float = 1.0, ce_weight: float = 0.0) -> torch.Tensor:
+def seq2seq_loss(
+    model,
+    src: torch.Tensor,
+    labels: torch.Tensor,
+    pad_id: int,
+    start_id: int,
+    teacher=None,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+) -> torch.Tensor:
     """Training loss of one batch. src (B, S) right-padded with pad_id; labels (B, T) with IGNORE at padding.
 
     No teacher: cross-entropy of the summary tokens. Teacher: distillation_loss(kind) between the
@@ -165,14 +182,17 @@ def seq2seq_loss(model, src: torch.Tensor, labels: torch.Tensor, pad_id: int, st
     if teacher is None:
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=src, attention_mask=attention, decoder_input_ids=decoder_in).logits  # (B, T, V)
+        teacher_logits = teacher(
+            input_ids=src, attention_mask=attention, decoder_input_ids=decoder_in
+        ).logits  # (B, T, V)
     keep = labels != IGNORE  # (B, T) bool
     return distillation_loss(kind, teacher_logits[keep], logits[keep], temperature, ce_weight, labels[keep])
 
 
 @torch.no_grad()
-def mean_token_loss(model, sources: list[list[int]], summaries: list[list[int]], pad_id: int, start_id: int,
-                    batch_size: int = 8) -> float:
+def mean_token_loss(
+    model, sources: list[list[int]], summaries: list[list[int]], pad_id: int, start_id: int, batch_size: int = 8
+) -> float:
     """Cross-entropy per summary token (nats) over (source ids, summary ids) pairs; nan when empty."""
     was_training = model.training
     model.eval()

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 
 from distilray.actors.extraction import shard_paths
-from distilray.cdlm.datastore_files import write_datastore
 from distilray.cdlm.build import mine_rows, trie_rows
+from distilray.cdlm.datastore_files import write_datastore
 from distilray.config import BuildDatastoreConfig
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json, read_json
@@ -51,7 +51,9 @@ def run(cfg: BuildDatastoreConfig) -> dict:
         raise DistilrayError(f"{extract_dir} was extracted with save_hidden=false: no keys to build a datastore from")
     trie = mine_rows(rows, cfg.tok_prob_threshold)
     if trie.num_chunks() == 0:
-        raise DistilrayError(f"no chunk above tok_prob_threshold={cfg.tok_prob_threshold}: lower it or use a stronger datastore model")
+        raise DistilrayError(
+            f"no chunk above tok_prob_threshold={cfg.tok_prob_threshold}: lower it or use a stronger datastore model"
+        )
 
     entries, key_chunk, positions, table = trie_rows(trie, cfg.max_keys_per_chunk or None)
     keys = gather_keys(extract_dir, positions)

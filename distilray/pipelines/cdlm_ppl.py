@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from distilray import corpus
+from distilray.actors.cluster import ensure_ray
 from distilray.actors.datastore import DatastoreRouter
 from distilray.cdlm.evaluate import corpus_perplexities
 from distilray.cdlm.perplexity_dp import parse_q_func
@@ -10,7 +11,6 @@ from distilray.config import CDLMPerplexityConfig
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import load_causal_lm, max_context
-from distilray.actors.cluster import ensure_ray
 from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
 from distilray.training import flat_tokens
 

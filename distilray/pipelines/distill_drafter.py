@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from distilray import corpus
+from distilray.actors.cluster import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.actors.generation import TargetSampler
 from distilray.config import DistillDrafterConfig, config_hash
 from distilray.decoding.drafter_api import model_vocab_size
@@ -39,7 +40,6 @@ from distilray.io_utils import atomic_write_json, read_json
 from distilray.losses.distillation import distillation_loss
 from distilray.models.causal_lm import load_causal_lm
 from distilray.models.drafters import build_drafter_network, drafter_kind, load_drafter_network, network_logits
-from distilray.actors.cluster import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.ray_train import TrainerHooks, TrainJob, cached_result, train
 from distilray.tokenizer import encode_documents, load_tokenizer
 from distilray.training import batch_rows, flat_tokens, pack_tokens
@@ -100,16 +100,26 @@ def pseudo_data(cfg: DistillDrafterConfig, blocks: np.ndarray, out_dir: Path) ->
     if manifest.is_file():
         meta = read_json(manifest)
         table = pq.read_table(folder / "data", columns=["row", "tokens"]).sort_by("row")
-        return np.stack(table.column("tokens").to_numpy(zero_copy_only=False)).astype(np.int32), {**meta, "reused": True}
+        return np.stack(table.column("tokens").to_numpy(zero_copy_only=False)).astype(np.int32), {
+            **meta,
+            "reused": True,
+        }
     t0 = time.perf_counter()
     prompts = _prompt_rows(blocks, cfg.pseudo_sequences, cfg.prompt_tokens, cfg.seed)
     actors = max(1, cfg.pseudo_actors)
     use_gpu = resolve_use_gpu(cfg.scale.use_gpu)
-    ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)], override_num_blocks=max(actors, 4))
+    ds = ray.data.from_items(
+        [{"row": i, "prompt": p} for i, p in enumerate(prompts)], override_num_blocks=max(actors, 4)
+    )
     ds = ds.map_batches(
         TargetSampler,
-        fn_constructor_kwargs={"model": cfg.target, "new_tokens": cfg.seq_len + 1 - cfg.prompt_tokens,
-                               "temperature": cfg.sample_temperature, "seed": cfg.seed, "threads": cpus_per_worker(0, actors)},
+        fn_constructor_kwargs={
+            "model": cfg.target,
+            "new_tokens": cfg.seq_len + 1 - cfg.prompt_tokens,
+            "temperature": cfg.sample_temperature,
+            "seed": cfg.seed,
+            "threads": cpus_per_worker(0, actors),
+        },
         batch_size=32,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -121,8 +131,12 @@ def pseudo_data(cfg: DistillDrafterConfig, blocks: np.ndarray, out_dir: Path) ->
     ds.write_parquet(str(folder / "data"))
     table = pq.read_table(folder / "data", columns=["row", "tokens"]).sort_by("row")
     seqs = np.stack(table.column("tokens").to_numpy(zero_copy_only=False)).astype(np.int32)
-    meta = {"sequences": int(len(seqs)), "tokens": int(seqs.size), "seconds": round(time.perf_counter() - t0, 1),
-            "tokens_per_s": round(len(seqs) * (cfg.seq_len + 1 - cfg.prompt_tokens) / (time.perf_counter() - t0), 1)}
+    meta = {
+        "sequences": int(len(seqs)),
+        "tokens": int(seqs.size),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tokens_per_s": round(len(seqs) * (cfg.seq_len + 1 - cfg.prompt_tokens) / (time.perf_counter() - t0), 1),
+    }
     atomic_write_json(manifest, meta)  # written last: its presence means the Parquet set is complete
     return seqs, {**meta, "reused": False}
 
@@ -131,7 +145,9 @@ def _corpus_data(cfg: DistillDrafterConfig, tokenizer) -> tuple[np.ndarray, np.n
     """Packed train blocks # (N, seq_len+1) and the validation stream # (T,)."""
     splits = corpus.load_splits(cfg.corpus)
     blocks = pack_tokens(encode_documents(tokenizer, splits["train"]), cfg.seq_len + 1, tokenizer.eos_token_id)
-    val_stream = flat_tokens(encode_documents(tokenizer, splits["validation"]), tokenizer.eos_token_id)[: cfg.eval_tokens + 1]
+    val_stream = flat_tokens(encode_documents(tokenizer, splits["validation"]), tokenizer.eos_token_id)[
+        : cfg.eval_tokens + 1
+    ]
     return blocks, val_stream
 
 
@@ -167,16 +183,24 @@ def run(cfg: DistillDrafterConfig) -> dict:
     folders = {"target": cfg.target} if Path(cfg.target).is_dir() else {}  # a hub name loads on each worker
     if cfg.init:
         folders["init"] = cfg.init
-    job = TrainJob(DrafterHooks, cfg, out_dir, data={"train": blocks, "validation": val_stream,
-                                                      "vocab": np.int64(vocab)}, folders=folders)
-    return train(job, lambda m: {
-        "drafter_dir": str(out_dir / "model"),
-        "kind": cfg.drafter,
-        "loss": cfg.loss,
-        "data": cfg.data,
-        "val": {k: float(m[f"val_{k}"]) for k in ("alpha_greedy", "alpha_t1", "drafter_ppl")},
-        "pseudo": pseudo_meta,
-    })
+    job = TrainJob(
+        DrafterHooks,
+        cfg,
+        out_dir,
+        data={"train": blocks, "validation": val_stream, "vocab": np.int64(vocab)},
+        folders=folders,
+    )
+    return train(
+        job,
+        lambda m: {
+            "drafter_dir": str(out_dir / "model"),
+            "kind": cfg.drafter,
+            "loss": cfg.loss,
+            "data": cfg.data,
+            "val": {k: float(m[f"val_{k}"]) for k in ("alpha_greedy", "alpha_t1", "drafter_ppl")},
+            "pseudo": pseudo_meta,
+        },
+    )
 
 
 class DrafterHooks(TrainerHooks):
@@ -218,8 +242,9 @@ class DrafterHooks(TrainerHooks):
             return F.cross_entropy(student.float().reshape(-1, student.shape[-1]), targets.reshape(-1))
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=inputs).logits  # (b, T, V)
-        return distillation_loss(self.cfg.loss, teacher_logits, student, self.cfg.temperature, self.cfg.ce_weight,
-                                 targets)
+        return distillation_loss(
+            self.cfg.loss, teacher_logits, student, self.cfg.temperature, self.cfg.ce_weight, targets
+        )
 
     def _with_drafter_samples(self, batch: torch.Tensor, step: int) -> torch.Tensor:
         """Replace the first n rows' continuations (after prompt_tokens) by the drafter's own samples."""
@@ -227,8 +252,13 @@ class DrafterHooks(TrainerHooks):
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 64 + self.worker.rank)
         was_training = self.network.training
         self.network.eval()
-        sampled = sample_continuations(self.network, batch[:n, : cfg.prompt_tokens], batch.shape[1] - cfg.prompt_tokens,
-                                       cfg.sample_temperature, generator)
+        sampled = sample_continuations(
+            self.network,
+            batch[:n, : cfg.prompt_tokens],
+            batch.shape[1] - cfg.prompt_tokens,
+            cfg.sample_temperature,
+            generator,
+        )
         self.network.train(was_training)
         return torch.cat([sampled, batch[n:]], dim=0)
 

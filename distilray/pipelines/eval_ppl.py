@@ -23,7 +23,9 @@ def run(cfg: EvalPPLConfig) -> dict:
     model = load_causal_lm(cfg.model)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     if len(tokenizer) > model.config.vocab_size:
-        raise DistilrayError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: wrong tokenizer?")
+        raise DistilrayError(
+            f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: wrong tokenizer?"
+        )
     docs = corpus.load_splits(cfg.corpus)[cfg.split]
     tokens = flat_tokens(encode_documents(tokenizer, docs), tokenizer.eos_token_id)
     if cfg.max_tokens:

@@ -18,19 +18,29 @@ import numpy as np
 import ray
 
 from distilray import console, corpus
+from distilray.actors.cluster import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.actors.extraction import ExtractShardWorker, shard_done, shard_paths
 from distilray.cdlm.extraction import Window, make_windows
 from distilray.config import ExtractConfig
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json, read_json
 from distilray.models.causal_lm import load_causal_lm, max_context
-from distilray.actors.cluster import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.tokenizer import check_same_tokenizer, encode_documents, load_tokenizer, vocab_fingerprint
 
 log = logging.getLogger("distilray.extract")
 
-PLAN_KEYS = ("model", "datastore_model", "corpus", "split", "window", "stride", "min_length", "windows_per_shard",
-             "save_hidden", "max_windows")
+PLAN_KEYS = (
+    "model",
+    "datastore_model",
+    "corpus",
+    "split",
+    "window",
+    "stride",
+    "min_length",
+    "windows_per_shard",
+    "save_hidden",
+    "max_windows",
+)
 
 
 def plan_windows(cfg: ExtractConfig) -> tuple[list[Window], object]:
@@ -40,8 +50,11 @@ def plan_windows(cfg: ExtractConfig) -> tuple[list[Window], object]:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     if cfg.datastore_model and cfg.datastore_model != cfg.model:
         # KCD: probabilities from one model, keys from another; token ids must mean the same thing
-        check_same_tokenizer(tokenizer, load_tokenizer(cfg.datastore_model),
-                             f"datastore model {cfg.datastore_model} vs generation model {cfg.model}")
+        check_same_tokenizer(
+            tokenizer,
+            load_tokenizer(cfg.datastore_model),
+            f"datastore model {cfg.datastore_model} vs generation model {cfg.model}",
+        )
     for path in {cfg.model, cfg.datastore_model or cfg.model}:
         limit = max_context(load_causal_lm(path, device="cpu"))
         if cfg.window > limit:
@@ -69,8 +82,9 @@ def run(cfg: ExtractConfig) -> dict:
         old = read_json(out / "plan.json")
         if old != plan:
             changed = sorted(k for k in plan if old.get(k) != plan[k])
-            raise DistilrayError(f"{out} holds an extraction with other settings ({', '.join(changed)}); "
-                                 "use another output_dir")
+            raise DistilrayError(
+                f"{out} holds an extraction with other settings ({', '.join(changed)}); use another output_dir"
+            )
     else:
         atomic_write_json(out / "plan.json", plan)
 
@@ -82,8 +96,15 @@ def run(cfg: ExtractConfig) -> dict:
     index = _write_index(out, shards, cfg.save_hidden)
     tokens = sum(len(w.tokens) for w in windows)
     seconds = time.perf_counter() - started
-    return {"output_dir": str(out), "windows": len(windows), "shards": len(shards), "shards_computed": len(todo),
-            "tokens": tokens, "seconds": round(seconds, 2), "index": str(index)}
+    return {
+        "output_dir": str(out),
+        "windows": len(windows),
+        "shards": len(shards),
+        "shards_computed": len(todo),
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "index": str(index),
+    }
 
 
 def run_actor_pool(cfg: ExtractConfig, out: Path, shards: list[list[Window]], todo: list[int]) -> None:
@@ -160,9 +181,13 @@ def read_extraction(out: str | Path) -> tuple[dict, list[dict]]:
         except Exception as e:  # missing or corrupt Parquet
             raise DistilrayError(f"missing or corrupt extraction shard {table_path}: {e}") from None
         for i in range(len(table["window_id"])):
-            rows.append({
-                "window_id": table["window_id"][i], "shard": shard_id, "skip": table["skip"][i],
-                "token_ids": np.asarray(table["token_ids"][i], dtype=np.int64),
-                "probs": np.asarray(table["probs"][i], dtype=np.float32),
-            })
+            rows.append(
+                {
+                    "window_id": table["window_id"][i],
+                    "shard": shard_id,
+                    "skip": table["skip"][i],
+                    "token_ids": np.asarray(table["token_ids"][i], dtype=np.int64),
+                    "probs": np.asarray(table["probs"][i], dtype=np.float32),
+                }
+            )
     return plan, rows

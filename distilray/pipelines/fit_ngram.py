@@ -15,11 +15,11 @@ import numpy as np
 import ray
 
 from distilray import console, corpus
+from distilray.actors.cluster import ensure_ray
 from distilray.config import FitNGramConfig
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json
 from distilray.models.ngram import NGramDrafter
-from distilray.actors.cluster import ensure_ray
 from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
 
 
@@ -103,9 +103,11 @@ def _pseudo_counts(cfg: FitNGramConfig, vocab_size: int) -> list[dict]:
     folder = Path(cfg.pseudo_data)
     data = folder / "data" if (folder / "data").is_dir() else folder
     if not data.is_dir() or not any(data.glob("*.parquet")):
-        raise DistilrayError(f"pseudo_data={cfg.pseudo_data} holds no Parquet files "
-                             "(expected distill-drafter's pseudo/ folder)")
+        raise DistilrayError(
+            f"pseudo_data={cfg.pseudo_data} holds no Parquet files (expected distill-drafter's pseudo/ folder)"
+        )
     ds = ray.data.read_parquet(str(data), columns=["tokens"])
-    counted = ds.map_batches(_count_token_rows, fn_kwargs={"n": cfg.n, "vocab_size": vocab_size}, batch_size=None,
-                             batch_format="numpy")
+    counted = ds.map_batches(
+        _count_token_rows, fn_kwargs={"n": cfg.n, "vocab_size": vocab_size}, batch_size=None, batch_format="numpy"
+    )
     return _collect(counted, 0)  # the number of blocks is Ray Data's to choose: a count, no total

@@ -16,12 +16,31 @@ import time
 from pathlib import Path
 
 from distilray import corpus
-from distilray.config import config_from, BuildDatastoreConfig, CDLMGenerateConfig, DistillDrafterConfig, EvalPPLConfig, ExtractConfig, FitNGramConfig, QuickstartConfig, TrainLMConfig
+from distilray.actors.cluster import ensure_ray
+from distilray.config import (
+    BuildDatastoreConfig,
+    CDLMGenerateConfig,
+    DistillDrafterConfig,
+    EvalPPLConfig,
+    ExtractConfig,
+    FitNGramConfig,
+    QuickstartConfig,
+    TrainLMConfig,
+    config_from,
+)
 from distilray.generation import generate_text
 from distilray.io_utils import atomic_write_json, read_json
 from distilray.models.causal_lm import load_causal_lm
-from distilray.pipelines import build_datastore, cdlm_generate, distill_drafter, eval_ppl, extract, fit_ngram, train_lm, train_tokenizer
-from distilray.actors.cluster import ensure_ray
+from distilray.pipelines import (
+    build_datastore,
+    cdlm_generate,
+    distill_drafter,
+    eval_ppl,
+    extract,
+    fit_ngram,
+    train_lm,
+    train_tokenizer,
+)
 from distilray.tokenizer import encode_documents, load_tokenizer
 
 
@@ -58,12 +77,27 @@ def run(cfg: QuickstartConfig) -> dict:
     artifacts["tokenizer"] = str(Path(tok_dir).resolve())
 
     models: dict[str, dict] = {}
-    for role, preset, steps in (("target", cfg.target_model, cfg.target_steps), ("drafter", cfg.drafter_model, cfg.drafter_steps)):
+    for role, preset, steps in (
+        ("target", cfg.target_model, cfg.target_steps),
+        ("drafter", cfg.drafter_model, cfg.drafter_steps),
+    ):
         t0 = time.perf_counter()
         res = train_lm.run(lm_config(cfg, preset, steps, tok_dir))
-        test = eval_ppl.run(EvalPPLConfig(model=res["model_dir"], corpus=cfg.corpus, split="test", context_len=cfg.seq_len, max_tokens=50_000))
+        test = eval_ppl.run(
+            EvalPPLConfig(
+                model=res["model_dir"], corpus=cfg.corpus, split="test", context_len=cfg.seq_len, max_tokens=50_000
+            )
+        )
         model = load_causal_lm(res["model_dir"])
-        sample = generate_text(model, tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+        sample = generate_text(
+            model,
+            tokenizer,
+            cfg.sample_prompt,
+            max_new_tokens=cfg.sample_tokens,
+            temperature=0.8,
+            top_k=50,
+            seed=cfg.seed,
+        )
         models[role] = {**res, "test_ppl": test["ppl"], "sample": sample}
         label = f"{role} ({preset})"
         rows += [
@@ -111,13 +145,39 @@ def cdlm_stage(cfg: QuickstartConfig, target_dir: str) -> tuple[list[tuple[str, 
     home = Path(cfg.artifacts_dir).resolve() / "quickstart" / "cdlm"
     home.mkdir(parents=True, exist_ok=True)
     _link(home / "model", target_dir)  # a stable path for serve_config.yaml
-    ext = extract.run(ExtractConfig(model=target_dir, corpus=cfg.corpus, window=cfg.cdlm_window, stride=cfg.cdlm_stride, min_length=32, output_dir=str(home / "extract")))
-    ds = build_datastore.run(BuildDatastoreConfig(extract_dir=ext["output_dir"], tok_prob_threshold=cfg.cdlm_tok_prob_threshold, num_shards=2, output_dir=str(home / "datastore")))
-    gen = CDLMGenerateConfig(model=target_dir, datastore=str(home / "datastore"), corpus=cfg.corpus, num_prompts=cfg.cdlm_prompts,
-                             max_new_tokens=cfg.cdlm_new_tokens, similarity_threshold=cfg.cdlm_similarity_threshold)
-    by_mode = {mode: cdlm_generate.run(dataclasses.replace(gen, mode=mode, save_dir=str(home / f"generations-{mode}"))) for mode in ("baseline", "paper", "verify")}
+    ext = extract.run(
+        ExtractConfig(
+            model=target_dir,
+            corpus=cfg.corpus,
+            window=cfg.cdlm_window,
+            stride=cfg.cdlm_stride,
+            min_length=32,
+            output_dir=str(home / "extract"),
+        )
+    )
+    ds = build_datastore.run(
+        BuildDatastoreConfig(
+            extract_dir=ext["output_dir"],
+            tok_prob_threshold=cfg.cdlm_tok_prob_threshold,
+            num_shards=2,
+            output_dir=str(home / "datastore"),
+        )
+    )
+    gen = CDLMGenerateConfig(
+        model=target_dir,
+        datastore=str(home / "datastore"),
+        corpus=cfg.corpus,
+        num_prompts=cfg.cdlm_prompts,
+        max_new_tokens=cfg.cdlm_new_tokens,
+        similarity_threshold=cfg.cdlm_similarity_threshold,
+    )
+    by_mode = {
+        mode: cdlm_generate.run(dataclasses.replace(gen, mode=mode, save_dir=str(home / f"generations-{mode}")))
+        for mode in ("baseline", "paper", "verify")
+    }
     same = all(
-        read_json(home / "generations-baseline" / f"prompt_{i}.json")["token_ids"] == read_json(home / "generations-verify" / f"prompt_{i}.json")["token_ids"]
+        read_json(home / "generations-baseline" / f"prompt_{i}.json")["token_ids"]
+        == read_json(home / "generations-verify" / f"prompt_{i}.json")["token_ids"]
         for i in range(by_mode["baseline"]["prompts"])
     )
     base_spt = by_mode["baseline"]["seconds_per_token"]
@@ -125,7 +185,11 @@ def cdlm_stage(cfg: QuickstartConfig, target_dir: str) -> tuple[list[tuple[str, 
     rows = [
         (label, "extracted tokens", f"{ext['tokens']:,}"),
         (label, "datastore keys / chunks", f"{ds['keys']:,} / {ds['chunks']:,}"),
-        (label, "paper: FPS / TTS", f"{by_mode['paper']['fps']:.3f} / {1 - by_mode['paper']['seconds_per_token'] / base_spt:.3f}"),
+        (
+            label,
+            "paper: FPS / TTS",
+            f"{by_mode['paper']['fps']:.3f} / {1 - by_mode['paper']['seconds_per_token'] / base_spt:.3f}",
+        ),
         (label, "paper: chunk hit rate", f"{by_mode['paper']['chunk_hit_rate']:.3f}"),
         (label, "verify: FPS / same as baseline", f"{by_mode['verify']['fps']:.3f} / {same}"),
         (label, "seconds", f"{time.perf_counter() - t0:.1f}"),
@@ -141,21 +205,37 @@ def _link(link: Path, target: str | Path) -> None:
     link.symlink_to(Path(target).resolve(), target_is_directory=True)
 
 
-def speculative_stage(cfg: QuickstartConfig, target_dir: str, drafter_dir: str) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+def speculative_stage(
+    cfg: QuickstartConfig, target_dir: str, drafter_dir: str
+) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     """Distil the stage-1 drafter from the target (fkl, DistillSpec's start from a trained drafter), count a
     trigram drafter, then decode test prompts greedily: plain vs speculative with each drafter."""
     import torch
 
-    from distilray.decoding.speculative import theoretical_speedup
     from distilray.decoding.drafters import load_drafter
+    from distilray.decoding.speculative import theoretical_speedup
     from distilray.eval.speculative_speed import scan_drafter, step_times
 
     t0 = time.perf_counter()
     home = Path(cfg.artifacts_dir).resolve() / "quickstart" / "speculative"
-    distilled = distill_drafter.run(config_from(
-        DistillDrafterConfig,
-        target=target_dir, drafter="transformer", init=drafter_dir, loss="fkl", data="corpus", corpus=cfg.corpus, seq_len=cfg.seq_len,
-        batch_size=cfg.batch_size, steps=cfg.spec_distill_steps, lr=5e-4, warmup_steps=10, artifacts_dir=cfg.artifacts_dir, seed=cfg.seed))
+    distilled = distill_drafter.run(
+        config_from(
+            DistillDrafterConfig,
+            target=target_dir,
+            drafter="transformer",
+            init=drafter_dir,
+            loss="fkl",
+            data="corpus",
+            corpus=cfg.corpus,
+            seq_len=cfg.seq_len,
+            batch_size=cfg.batch_size,
+            steps=cfg.spec_distill_steps,
+            lr=5e-4,
+            warmup_steps=10,
+            artifacts_dir=cfg.artifacts_dir,
+            seed=cfg.seed,
+        )
+    )
     ngram_dir = home / "drafters" / "ngram3"
     if not (ngram_dir / "stats.json").is_file():
         fit_ngram.run(FitNGramConfig(tokenizer=target_dir, corpus=cfg.corpus, n=3, output_dir=str(ngram_dir)))
@@ -172,13 +252,32 @@ def speculative_stage(cfg: QuickstartConfig, target_dir: str, drafter_dir: str) 
     try:
         target = load_causal_lm(target_dir, device="cpu", dtype=torch.float32)
         rows = [("speculative", "drafter distilled (fkl) steps", str(distilled["steps"]))]
-        for name, folder in (("transformer baseline", drafter_dir), ("transformer distilled", distilled["drafter_dir"]), ("trigram", ngram_dir)):
+        for name, folder in (
+            ("transformer baseline", drafter_dir),
+            ("transformer distilled", distilled["drafter_dir"]),
+            ("trigram", ngram_dir),
+        ):
             drafter = load_drafter(folder)
             target_s, drafter_s = step_times(target, drafter, prompts[0])
-            scan, same = scan_drafter(target, drafter, prompts, (cfg.spec_gamma,), cfg.spec_new_tokens, drafter_s / target_s)
+            scan, same = scan_drafter(
+                target, drafter, prompts, (cfg.spec_gamma,), cfg.spec_new_tokens, drafter_s / target_s
+            )
             r = scan[cfg.spec_gamma]
-            rows.append(("speculative", f"{name}: alpha / tokens per pass", f"{r['alpha']:.3f} / {r['mean_accepted_length']:.2f}"))
-            rows.append(("speculative", f"{name}: speedup meas / theo", f"{r['speedup_measured']:.2f}x / {theoretical_speedup(max(0.0, min(1.0, r['alpha'])), cfg.spec_gamma, drafter_s / target_s):.2f}x (same as plain: {same})"))
+            rows.append(
+                (
+                    "speculative",
+                    f"{name}: alpha / tokens per pass",
+                    f"{r['alpha']:.3f} / {r['mean_accepted_length']:.2f}",
+                )
+            )
+            theory = theoretical_speedup(max(0.0, min(1.0, r["alpha"])), cfg.spec_gamma, drafter_s / target_s)
+            rows.append(
+                (
+                    "speculative",
+                    f"{name}: speedup meas / theo",
+                    f"{r['speedup_measured']:.2f}x / {theory:.2f}x (same as plain: {same})",
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     rows.append(("speculative", "seconds", f"{time.perf_counter() - t0:.1f}"))

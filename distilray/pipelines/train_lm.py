@@ -67,14 +67,23 @@ def run(cfg: TrainLMConfig, untimed_steps: int = 0) -> dict:
     if not is_preset(cfg.model):
         load_causal_lm(cfg.model, device="cpu")  # fail early, with a clear message, on a bad path
     tok_dir, tokenizer, train_blocks, val_stream = prepare_data(cfg)
-    job = TrainJob(LMHooks, cfg, run_dir, data={"train": train_blocks, "validation": val_stream},
-                   folders={"tokenizer": tok_dir}, untimed_steps=untimed_steps)
-    return train(job, lambda m: {
-        "tokenizer_dir": str(Path(tok_dir).resolve()),
-        "train_tokens": int(train_blocks.size),
-        "val_ppl": float(m["val_ppl"]),
-        "tokens_per_s": float(m["mean_tokens_per_s"]),
-    })
+    job = TrainJob(
+        LMHooks,
+        cfg,
+        run_dir,
+        data={"train": train_blocks, "validation": val_stream},
+        folders={"tokenizer": tok_dir},
+        untimed_steps=untimed_steps,
+    )
+    return train(
+        job,
+        lambda m: {
+            "tokenizer_dir": str(Path(tok_dir).resolve()),
+            "train_tokens": int(train_blocks.size),
+            "val_ppl": float(m["val_ppl"]),
+            "tokens_per_s": float(m["mean_tokens_per_s"]),
+        },
+    )
 
 
 class LMHooks(TrainerHooks):

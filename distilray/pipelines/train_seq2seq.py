@@ -48,7 +48,9 @@ def load_pairs(dataset: str) -> list[Pair]:
         return corpus.load_cnndm_pairs()
     path = Path(dataset).expanduser()
     if not (path.is_file() and path.suffix.lower() in (".jsonl", ".json")):
-        raise DistilrayError(f"train-seq2seq reads article/highlights pairs: dataset=cnndm or a .jsonl/.json file, got {dataset!r}")
+        raise DistilrayError(
+            f"train-seq2seq reads article/highlights pairs: dataset=cnndm or a .jsonl/.json file, got {dataset!r}"
+        )
     return corpus.load_cnndm_pairs(path)
 
 
@@ -76,7 +78,9 @@ def resolve_tokenizer(cfg: TrainSeq2SeqConfig) -> Path | str:
     if cfg.teacher and Path(cfg.teacher, "tokenizer.json").is_file():
         return Path(cfg.teacher)
     if is_seq2seq_preset(cfg.model):
-        return train_tokenizer.get_or_train(CorpusSpec(dataset=cfg.dataset, text_field="article"), cfg.vocab_size, cfg.artifacts_dir)
+        return train_tokenizer.get_or_train(
+            CorpusSpec(dataset=cfg.dataset, text_field="article"), cfg.vocab_size, cfg.artifacts_dir
+        )
     return cfg.model if cfg.teacher == "" else cfg.teacher
 
 
@@ -92,7 +96,9 @@ def _file_key(path: str) -> str:
 def run_dir_for(cfg: TrainSeq2SeqConfig, tokenizer) -> Path:
     if cfg.name:
         return Path(cfg.artifacts_dir).resolve() / "seq2seq" / cfg.name
-    keyed = dataclasses.replace(cfg, tokenizer=vocab_fingerprint(tokenizer), teacher=_file_key(cfg.teacher) if cfg.teacher else "")
+    keyed = dataclasses.replace(
+        cfg, tokenizer=vocab_fingerprint(tokenizer), teacher=_file_key(cfg.teacher) if cfg.teacher else ""
+    )
     key = config_hash(keyed)
     fingerprint = corpus.corpus_fingerprint(CorpusSpec(dataset=cfg.dataset, text_field="article"))[:6]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.model.strip("/").split("/")[-1]) + ("-kd" if cfg.teacher else "")
@@ -112,10 +118,16 @@ def _check_teacher(cfg: TrainSeq2SeqConfig, tokenizer) -> None:
     """The teacher loads, is seq2seq, and proposes over the student's vocabulary with the same start token."""
     teacher = load_seq2seq_lm(cfg.teacher, device="cpu", dtype=torch.float32)
     if int(teacher.get_output_embeddings().weight.shape[0]) != len(tokenizer):
-        raise DistilrayError(f"teacher {cfg.teacher} has {teacher.config.vocab_size} logits, the tokenizer {len(tokenizer)} tokens; they must share the tokenizer")
+        raise DistilrayError(
+            f"teacher {cfg.teacher} has {teacher.config.vocab_size} logits, the tokenizer {len(tokenizer)} tokens; "
+            "they must share the tokenizer"
+        )
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
     if is_seq2seq_preset(cfg.model) and decoder_start_id(teacher) != start:
-        raise DistilrayError(f"teacher starts decoding with id {decoder_start_id(teacher)}, a {cfg.model} with this tokenizer with {start}")
+        raise DistilrayError(
+            f"teacher starts decoding with id {decoder_start_id(teacher)}, "
+            f"a {cfg.model} with this tokenizer with {start}"
+        )
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -143,13 +155,16 @@ def run(cfg: TrainSeq2SeqConfig) -> dict:
     if cfg.teacher and Path(cfg.teacher).is_dir():
         folders["teacher"] = cfg.teacher
     job = TrainJob(Seq2SeqHooks, cfg, run_dir, data=data, folders=folders)
-    return train(job, lambda m: {
-        "tokenizer_dir": str(Path(tok_dir).resolve()) if Path(tok_dir).exists() else str(tok_dir),
-        "train_pairs": len(train_src),
-        "val_pairs": len(val_src),
-        "val_loss": float(m["val_loss"]),
-        "teacher": cfg.teacher,
-    })
+    return train(
+        job,
+        lambda m: {
+            "tokenizer_dir": str(Path(tok_dir).resolve()) if Path(tok_dir).exists() else str(tok_dir),
+            "train_pairs": len(train_src),
+            "val_pairs": len(val_src),
+            "val_loss": float(m["val_loss"]),
+            "teacher": cfg.teacher,
+        },
+    )
 
 
 def _saved_tokenizer(tokenizer, run_dir: Path) -> Path:
@@ -175,8 +190,9 @@ class Seq2SeqHooks(TrainerHooks):
             model = load_seq2seq_lm(cfg.model, device="cpu", dtype=torch.float32).train()
         self.teacher = None
         if cfg.teacher:
-            teacher = load_seq2seq_lm(self.folders.get("teacher", cfg.teacher), device=self.worker.device,
-                                      dtype=torch.float32)
+            teacher = load_seq2seq_lm(
+                self.folders.get("teacher", cfg.teacher), device=self.worker.device, dtype=torch.float32
+            )
             self.teacher = teacher.requires_grad_(False)
         self.pad_id, self.start_id = self.tokenizer.pad_token_id, decoder_start_id(model)
         return model
@@ -190,8 +206,17 @@ class Seq2SeqHooks(TrainerHooks):
     def loss(self, model, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
         src, labels = batch
         cfg, device = self.cfg, self.worker.device
-        return seq2seq_loss(model, src.to(device), labels.to(device), self.pad_id, self.start_id, self.teacher,
-                            cfg.loss, cfg.temperature, cfg.ce_weight)
+        return seq2seq_loss(
+            model,
+            src.to(device),
+            labels.to(device),
+            self.pad_id,
+            self.start_id,
+            self.teacher,
+            cfg.loss,
+            cfg.temperature,
+            cfg.ce_weight,
+        )
 
     def validate(self, model) -> dict[str, float]:
         sources, summaries = self.data["validation"]

@@ -15,7 +15,9 @@ def cached_tokenizer_dir(spec: CorpusSpec, vocab_size: int, artifacts_dir: str, 
     return Path(artifacts_dir) / "tokenizers" / f"bpe{vocab_size}-m{min_frequency}-{key}"
 
 
-def get_or_train(spec: CorpusSpec, vocab_size: int, artifacts_dir: str, min_frequency: int = 2, output_dir: str = "") -> Path:
+def get_or_train(
+    spec: CorpusSpec, vocab_size: int, artifacts_dir: str, min_frequency: int = 2, output_dir: str = ""
+) -> Path:
     """Folder of a BPE tokenizer for this corpus and vocabulary size, trained once and reused."""
     out = Path(output_dir) if output_dir else cached_tokenizer_dir(spec, vocab_size, artifacts_dir, min_frequency)
     if (out / "tokenizer.json").is_file():

@@ -1,11 +1,11 @@
 """The one training driver: artifact cache, resume, Ray Train `fit`, the final model and the summary.
 
-    def run(cfg):
-        run_dir = ...                          # keyed by config_hash(cfg): scale/checkpoint never enter
-        if (cached := cached_result(run_dir)):
-            return cached
-        job = TrainJob(MyHooks, cfg, run_dir, data={"train": blocks}, folders={"tokenizer": tok_dir})
-        return train(job, lambda metrics: {"val_ppl": metrics["val_ppl"]})
+def run(cfg):
+    run_dir = ...                          # keyed by config_hash(cfg): scale/checkpoint never enter
+    if (cached := cached_result(run_dir)):
+        return cached
+    job = TrainJob(MyHooks, cfg, run_dir, data={"train": blocks}, folders={"tokenizer": tok_dir})
+    return train(job, lambda metrics: {"val_ppl": metrics["val_ppl"]})
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from distilray.actors.cluster import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.config_loading import config_to_dict
 from distilray.console import progress
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_dir, atomic_write_json, read_json
-from distilray.actors.cluster import cpus_per_worker, ensure_ray, resolve_use_gpu
 from distilray.ray_train.hooks import TrainerHooks
 from distilray.ray_train.loop import EXTRA_TENSORS, LoopInput, latest_checkpoint, train_loop
 from distilray.training import OPTIMIZER_STATE, read_trainer_state
@@ -110,8 +110,9 @@ def _fit(loop_input: LoopInput, storage: Path, use_gpu: bool, cpus: int, label: 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"job": loop_input},
-        scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scale.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+        ),
         run_config=RunConfig(
             name="train",
             storage_path=str(storage),
@@ -125,8 +126,9 @@ def _fit(loop_input: LoopInput, storage: Path, use_gpu: bool, cpus: int, label: 
             return trainer.fit()
         except Exception as e:  # Ray wraps worker errors; show the cause, keep the checkpoints
             cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise DistilrayError(f"training failed: {cause}\n  re-run the same command to resume from the latest "
-                                 f"checkpoint in {storage}") from None
+            raise DistilrayError(
+                f"training failed: {cause}\n  re-run the same command to resume from the latest checkpoint in {storage}"
+            ) from None
 
 
 class _ProgressFromMetrics:

@@ -97,8 +97,14 @@ def _run_steps(job: LoopInput, hooks: TrainerHooks, worker: WorkerInfo) -> None:
             elapsed, timed_steps = elapsed + seconds, timed_steps + 1
         loss_value = float(loss.detach())  # this rank's loss; ranks differ only by their batch
         first_loss = loss_value if step == start else first_loss
-        metrics = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "seconds_per_step": seconds,
-                   **extra}
+        metrics = {
+            "step": done,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "seconds_per_step": seconds,
+            **extra,
+        }
         if tokens_per_step:
             metrics["tokens_per_s"] = tokens_per_step / seconds
         if metrics_log is not None:
@@ -145,8 +151,9 @@ def _save(folder: Path, model, optimizer, hooks: TrainerHooks, step: int, cfg: A
     tensors = hooks.extra_tensors()
     if tensors:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / EXTRA_TENSORS))
-    save_optimizer_and_state(folder, optimizer, {"step": step, "seed": cfg.seed, "method": hooks.label,
-                                                 "extra": hooks.extra_state()})
+    save_optimizer_and_state(
+        folder, optimizer, {"step": step, "seed": cfg.seed, "method": hooks.label, "extra": hooks.extra_state()}
+    )
 
 
 def _restore(model, optimizer, hooks: TrainerHooks, resume_dir: str) -> int:
@@ -180,8 +187,9 @@ def _report(metrics: dict, done: int, total: int, ckpt, rank: int, save) -> None
             return
         with tempfile.TemporaryDirectory(prefix="distilray-ckpt-") as d:
             save(Path(d))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"checkpoint_{done:07d}")
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{done:07d}"
+            )
     elif done % ckpt.report_every == 0:
         ray.train.report(metrics)
 

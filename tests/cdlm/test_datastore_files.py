@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from distilray.cdlm.datastore_files import (
-    ShardData, read_manifest, read_shard, shard_file_name, shard_of, write_datastore,
-    write_manifest, write_shard, write_synthetic_datastore,
+    ShardData,
+    read_manifest,
+    read_shard,
+    shard_file_name,
+    shard_of,
+    write_datastore,
+    write_manifest,
+    write_shard,
+    write_synthetic_datastore,
 )
 from distilray.cdlm.index import ShardIndex
 from distilray.errors import DistilrayError
@@ -17,8 +24,12 @@ from distilray.errors import DistilrayError
 def _rows(rng, n, d, entries, n_chunks=7):
     """Random rows: entry tokens drawn from `entries`, keys (n, d), chunk ids into n_chunks chunks."""
     chunks = [tuple(int(t) for t in rng.integers(0, 100, size=rng.integers(1, 5))) for _ in range(n_chunks)]
-    return (rng.choice(np.asarray(entries), size=n), rng.standard_normal((n, d)).astype(np.float32),
-            rng.integers(0, n_chunks, size=n), chunks)
+    return (
+        rng.choice(np.asarray(entries), size=n),
+        rng.standard_normal((n, d)).astype(np.float32),
+        rng.integers(0, n_chunks, size=n),
+        chunks,
+    )
 
 
 def test_shard_of_scalar_and_array():
@@ -33,8 +44,16 @@ def test_write_read_roundtrip(tmp_path):
     entry, keys, ids, chunks = _rows(rng, 40, 8, [1, 4, 7, 13])  # all == 1 mod 3
     chunks.append((99, 98))  # unreferenced: must not be written
     path = tmp_path / "s.h5"
-    info = write_shard(path, entry_tokens=entry, keys=keys, chunk_ids=ids, chunks=chunks,
-                       shard_index=1, num_shards=3, tokenizer_fingerprint="tok-abc")
+    info = write_shard(
+        path,
+        entry_tokens=entry,
+        keys=keys,
+        chunk_ids=ids,
+        chunks=chunks,
+        shard_index=1,
+        num_shards=3,
+        tokenizer_fingerprint="tok-abc",
+    )
     data = read_shard(path)
     assert (data.shard_index, data.num_shards, data.hidden_dim) == (1, 3, 8)
     assert data.tokenizer_fingerprint == "tok-abc"
@@ -59,11 +78,16 @@ def test_wrong_shard_and_bad_rows_rejected(tmp_path):
     with pytest.raises(DistilrayError, match="belongs to shard 1"):
         write_shard(tmp_path / "a.h5", entry_tokens=np.array([2, 3]), shard_index=0, **common)
     with pytest.raises(DistilrayError, match="chunk ids"):
-        write_shard(tmp_path / "b.h5", entry_tokens=np.array([2, 4]), shard_index=0,
-                    **{**common, "chunk_ids": np.array([0, 1])})
+        write_shard(
+            tmp_path / "b.h5", entry_tokens=np.array([2, 4]), shard_index=0, **{**common, "chunk_ids": np.array([0, 1])}
+        )
     with pytest.raises(DistilrayError, match="float16"):
-        write_shard(tmp_path / "c.h5", entry_tokens=np.array([2, 4]), shard_index=0,
-                    **{**common, "keys": np.full((2, 4), 1e6, dtype=np.float32)})
+        write_shard(
+            tmp_path / "c.h5",
+            entry_tokens=np.array([2, 4]),
+            shard_index=0,
+            **{**common, "keys": np.full((2, 4), 1e6, dtype=np.float32)},
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -75,14 +99,30 @@ def test_corrupt_missing_and_incomplete_shards(tmp_path):
     with pytest.raises(DistilrayError, match="missing or corrupt datastore shard .*absent.h5"):
         read_shard(tmp_path / "absent.h5")
     good = tmp_path / "good.h5"
-    write_shard(good, entry_tokens=np.array([0, 2]), keys=np.ones((2, 3)), chunk_ids=np.array([0, 0]),
-                chunks=[(5,)], shard_index=0, num_shards=2, tokenizer_fingerprint="t")
+    write_shard(
+        good,
+        entry_tokens=np.array([0, 2]),
+        keys=np.ones((2, 3)),
+        chunk_ids=np.array([0, 0]),
+        chunks=[(5,)],
+        shard_index=0,
+        num_shards=2,
+        tokenizer_fingerprint="t",
+    )
     with h5py.File(good, "a") as f:
         del f["chunk_offsets"]
     with pytest.raises(DistilrayError, match="chunk_offsets missing"):
         read_shard(good)
-    write_shard(good, entry_tokens=np.array([0, 2]), keys=np.ones((2, 3)), chunk_ids=np.array([0, 0]),
-                chunks=[(5,)], shard_index=0, num_shards=2, tokenizer_fingerprint="t")
+    write_shard(
+        good,
+        entry_tokens=np.array([0, 2]),
+        keys=np.ones((2, 3)),
+        chunk_ids=np.array([0, 0]),
+        chunks=[(5,)],
+        shard_index=0,
+        num_shards=2,
+        tokenizer_fingerprint="t",
+    )
     with h5py.File(good, "a") as f:  # keys for 3 rows, 2 entry tokens
         del f["keys"]
         f["keys"] = np.ones((3, 3), dtype=np.float16)
@@ -93,8 +133,16 @@ def test_corrupt_missing_and_incomplete_shards(tmp_path):
 def test_manifest_roundtrip_and_missing_shard(tmp_path):
     rng = np.random.default_rng(1)
     entry, keys, ids, chunks = _rows(rng, 60, 6, list(range(10)))
-    info = write_datastore(tmp_path / "ds", entry_tokens=entry, keys=keys, chunk_ids=ids, chunks=chunks,
-                           num_shards=3, tokenizer_fingerprint="fp", provenance={"model_gen": "m", "threshold": 0.3})
+    info = write_datastore(
+        tmp_path / "ds",
+        entry_tokens=entry,
+        keys=keys,
+        chunk_ids=ids,
+        chunks=chunks,
+        num_shards=3,
+        tokenizer_fingerprint="fp",
+        provenance={"model_gen": "m", "threshold": 0.3},
+    )
     back = read_manifest(tmp_path / "ds")
     assert back["shards"] == [shard_file_name(s, 3) for s in range(3)] == info["shards"]
     assert back["num_keys"] == 60 == sum(back["keys_per_shard"])
@@ -130,8 +178,12 @@ def test_index_matches_brute_force(faiss_min_rows, approx_min_rows):
     sizes = {3: 5, 8: 19, 11: 60, 42: 300}  # groups on both sides of faiss_min_rows
     entry = np.repeat(list(sizes), list(sizes.values()))
     n, d = entry.size, 16
-    data = ShardData.from_rows(entry_tokens=entry, keys=rng.standard_normal((n, d)) * 3,
-                               chunk_ids=np.arange(n), chunks=[(i + 1, i + 2) for i in range(n)])
+    data = ShardData.from_rows(
+        entry_tokens=entry,
+        keys=rng.standard_normal((n, d)) * 3,
+        chunk_ids=np.arange(n),
+        chunks=[(i + 1, i + 2) for i in range(n)],
+    )
     index = ShardIndex(data, faiss_min_rows=faiss_min_rows, approx_min_rows=approx_min_rows)
     counts = index.backend_counts()
     assert sum(counts.values()) == 4 and index.num_keys == n and index.hidden_dim == d
@@ -170,14 +222,21 @@ def test_index_batch_equals_single_queries_and_empty():
     assert rows.shape == sims.shape == (0,)
     with pytest.raises(DistilrayError, match="queries must be"):
         index.search(es, qs[:, :4])
-    empty = ShardIndex(ShardData.from_rows(entry_tokens=np.zeros(0, dtype=np.int64), keys=np.zeros((0, 5)),
-                                           chunk_ids=np.zeros(0, dtype=np.int64), chunks=[]))
+    empty = ShardIndex(
+        ShardData.from_rows(
+            entry_tokens=np.zeros(0, dtype=np.int64),
+            keys=np.zeros((0, 5)),
+            chunk_ids=np.zeros(0, dtype=np.int64),
+            chunks=[],
+        )
+    )
     assert empty.lookup_batch(es[:2], qs[:2]) == [(None, float("-inf"))] * 2
 
 
 def test_synthetic_datastore(tmp_path):
-    info = write_synthetic_datastore(tmp_path / "syn", num_keys=5000, hidden_dim=32, vocab_size=300,
-                                     num_shards=3, seed=0, mean_chunk_len=4)
+    info = write_synthetic_datastore(
+        tmp_path / "syn", num_keys=5000, hidden_dim=32, vocab_size=300, num_shards=3, seed=0, mean_chunk_len=4
+    )
     back = read_manifest(tmp_path / "syn")
     assert back == info and back["synthetic"] is True and back["num_keys"] == 5000
     total = 0

@@ -27,4 +27,3 @@ def test_cdlm_perplexity_with_no_and_with_perfect_chunks(small_tokenizer):
     liar = sequence_proposals(model, tokens, lambda e, q: [(((int(t) + 1) % len(tok),), 1.0) for t in tokens[1:]])
     r = perplexities([liar], "map05_09", max_prob=0.9)
     assert r["ppl_base"] < r["ppl_cdlm"] < r["ppl_base"] / (1 - 0.9) + 1e-6
-

@@ -11,7 +11,12 @@ from distilray.tokenizer import load_tokenizer, train_bpe_tokenizer, vocab_finge
 def test_tokenizer_roundtrip_and_special_tokens(small_tokenizer):
     tok, path = small_tokenizer
     assert len(tok) == 512
-    assert [tok.bos_token, tok.eos_token, tok.pad_token, tok.mask_token] == ["<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"]
+    assert [tok.bos_token, tok.eos_token, tok.pad_token, tok.mask_token] == [
+        "<|bos|>",
+        "<|eos|>",
+        "<|pad|>",
+        "<|mask|>",
+    ]
     text = "The `for` statement iterates over the elements of a sequence.\n  Indented: x = 1"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text  # byte-level BPE is lossless

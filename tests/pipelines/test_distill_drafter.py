@@ -11,18 +11,20 @@ import torch
 
 from distilray import corpus
 from distilray.config import DistillDrafterConfig, config_from
+from distilray.decoding.drafters import load_drafter
 from distilray.decoding.speculative import plain_generate, speculative_generate
 from distilray.errors import DistilrayError
 from distilray.eval.acceptance import acceptance_per_position, drafter_agreement
 from distilray.generation import sample_continuations
 from distilray.models.causal_lm import build_causal_lm, load_causal_lm
-from distilray.decoding.drafters import load_drafter
 from distilray.models.drafters import build_drafter_network, drafter_kind, load_drafter_network, network_logits
 from distilray.pipelines import distill_drafter
 from distilray.tokenizer import encode_documents
 from distilray.training import flat_tokens, lm_loss, pack_tokens
 
-SMALL = dict(seq_len=32, batch_size=8, warmup_steps=2, eval_tokens=2000, checkpoint_every=10, report_every=10, prompt_tokens=8)
+SMALL = dict(
+    seq_len=32, batch_size=8, warmup_steps=2, eval_tokens=2000, checkpoint_every=10, report_every=10, prompt_tokens=8
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,11 @@ def target_dir(small_tokenizer, tmp_path_factory):
     torch.manual_seed(0)
     model = build_causal_lm("tiny", tok)
     # a few steps of plain training: a teacher with a structured, peaked distribution, far from a fresh drafter's
-    blocks = torch.from_numpy(pack_tokens(encode_documents(tok, corpus.load_splits(DistillDrafterConfig().corpus)["train"]), 33, tok.eos_token_id).astype(np.int64))
+    blocks = torch.from_numpy(
+        pack_tokens(
+            encode_documents(tok, corpus.load_splits(DistillDrafterConfig().corpus)["train"]), 33, tok.eos_token_id
+        ).astype(np.int64)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(60):
         loss = lm_loss(model, blocks[torch.randint(len(blocks), (16,), generator=torch.Generator().manual_seed(step))])
@@ -46,7 +52,9 @@ def target_dir(small_tokenizer, tmp_path_factory):
 
 
 def _val_stream(tok) -> np.ndarray:
-    return flat_tokens(encode_documents(tok, corpus.load_splits(DistillDrafterConfig().corpus)["validation"]), tok.eos_token_id)
+    return flat_tokens(
+        encode_documents(tok, corpus.load_splits(DistillDrafterConfig().corpus)["validation"]), tok.eos_token_id
+    )
 
 
 def test_acceptance_per_position_by_hand():
@@ -73,8 +81,18 @@ def test_sample_continuations_keeps_prompts_and_is_seeded(small_tokenizer):
 
 def test_fkl_on_corpus_raises_agreement_and_drafts_losslessly(ray_session, small_tokenizer, target_dir, tmp_path):
     tok, _ = small_tokenizer
-    cfg = config_from(DistillDrafterConfig, target=str(target_dir), drafter="cnn", drafter_size="32", loss="fkl", data="corpus", steps=40,
-                               lr=5e-3, output_dir=str(tmp_path / "cnn"), **SMALL)
+    cfg = config_from(
+        DistillDrafterConfig,
+        target=str(target_dir),
+        drafter="cnn",
+        drafter_size="32",
+        loss="fkl",
+        data="corpus",
+        steps=40,
+        lr=5e-3,
+        output_dir=str(tmp_path / "cnn"),
+        **SMALL,
+    )
     res = distill_drafter.run(cfg)
     assert res["steps"] == 40 and res["kind"] == "cnn" and not res["cached"]
     teacher = load_causal_lm(target_dir, device="cpu")
@@ -96,8 +114,17 @@ def test_fkl_on_corpus_raises_agreement_and_drafts_losslessly(ray_session, small
 
 
 def test_pseudo_data_from_target_actors_then_reused(ray_session, target_dir, tmp_path):
-    cfg = config_from(DistillDrafterConfig, target=str(target_dir), drafter="transformer", loss="ce", data="pseudo", steps=6,
-                               pseudo_sequences=12, output_dir=str(tmp_path / "pseudo"), **SMALL)
+    cfg = config_from(
+        DistillDrafterConfig,
+        target=str(target_dir),
+        drafter="transformer",
+        loss="ce",
+        data="pseudo",
+        steps=6,
+        pseudo_sequences=12,
+        output_dir=str(tmp_path / "pseudo"),
+        **SMALL,
+    )
     blocks = np.arange(40 * 33, dtype=np.int32).reshape(40, 33) % 500 + 4
     seqs, meta = distill_drafter.pseudo_data(cfg, blocks, tmp_path / "pseudo")
     assert seqs.shape == (12, 33) and meta["reused"] is False
@@ -110,8 +137,17 @@ def test_pseudo_data_from_target_actors_then_reused(ray_session, target_dir, tmp
 
 
 def test_on_policy_and_resume_after_a_worker_failure(ray_session, target_dir, tmp_path, monkeypatch):
-    cfg = config_from(DistillDrafterConfig, target=str(target_dir), drafter="lstm", drafter_size="32", loss="jsd", data="on_policy", steps=20,
-                               output_dir=str(tmp_path / "onp"), **SMALL)
+    cfg = config_from(
+        DistillDrafterConfig,
+        target=str(target_dir),
+        drafter="lstm",
+        drafter_size="32",
+        loss="jsd",
+        data="on_policy",
+        steps=20,
+        output_dir=str(tmp_path / "onp"),
+        **SMALL,
+    )
     monkeypatch.setenv("DISTILRAY_FAIL_AT_STEP", "15")
     res = distill_drafter.run(cfg)
     assert (tmp_path / "onp" / "injected_failure").exists()  # it did fail once, and was retried

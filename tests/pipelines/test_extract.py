@@ -34,8 +34,18 @@ def tiny_model_dir(small_tokenizer, tmp_path_factory):
 
 
 def _extract_cfg(tmp, model_dir, **over):
-    keys = {"model": str(model_dir), "window": 48, "stride": 40, "min_length": 8, "windows_per_shard": 4,
-            "batch_size": 3, "max_windows": 14, "output_dir": str(tmp / "ext"), "corpus.dataset": "tinyshakespeare", **over}
+    keys = {
+        "model": str(model_dir),
+        "window": 48,
+        "stride": 40,
+        "min_length": 8,
+        "windows_per_shard": 4,
+        "batch_size": 3,
+        "max_windows": 14,
+        "output_dir": str(tmp / "ext"),
+        "corpus.dataset": "tinyshakespeare",
+        **over,
+    }
     return load_config(ExtractConfig, None, [f"{k}={v}" for k, v in keys.items()])
 
 
@@ -82,7 +92,13 @@ def test_extraction_matches_a_direct_forward_and_resumes(ray_session, tiny_model
         extract.run(_extract_cfg(tmp_path, tiny_model_dir, stride=30))
 
     # the datastore: every key is the generation model's hidden state at its entry position
-    stats = build_datastore.run(load_config(BuildDatastoreConfig, None, [f"extract_dir={out}", f"output_dir={tmp_path / 'ds'}", "tok_prob_threshold=0.05", "num_shards=2"]))
+    stats = build_datastore.run(
+        load_config(
+            BuildDatastoreConfig,
+            None,
+            [f"extract_dir={out}", f"output_dir={tmp_path / 'ds'}", "tok_prob_threshold=0.05", "num_shards=2"],
+        )
+    )
     assert stats["keys"] > 0 and sum(stats["keys_per_shard"]) == stats["keys"]
     manifest = read_manifest(tmp_path / "ds")
     assert manifest["model_gen"] == str(tiny_model_dir) and manifest["tok_prob_threshold"] == 0.05
@@ -102,6 +118,12 @@ def test_kcd_models_must_share_a_tokenizer(ray_session, tiny_model_dir, tmp_path
 def test_empty_and_missing_inputs(tiny_model_dir, tmp_path):
     (tmp_path / "short.txt").write_text("tiny")
     with pytest.raises(DistilrayError, match="min_length"):
-        extract.plan_windows(_extract_cfg(tmp_path, tiny_model_dir, **{"corpus.dataset": str(tmp_path / "short.txt"), "corpus.val_fraction": 0, "corpus.test_fraction": 0}))
+        extract.plan_windows(
+            _extract_cfg(
+                tmp_path,
+                tiny_model_dir,
+                **{"corpus.dataset": str(tmp_path / "short.txt"), "corpus.val_fraction": 0, "corpus.test_fraction": 0},
+            )
+        )
     with pytest.raises(DistilrayError, match="not a finished extraction"):
         build_datastore.run(load_config(BuildDatastoreConfig, None, [f"extract_dir={tmp_path}"]))

@@ -42,10 +42,20 @@ def test_counts_over_a_pseudo_data_set(ray_session, small_tokenizer, tmp_path):
     folder.mkdir(parents=True)
     for i in range(3):  # three Parquet files, as a Ray Data write leaves them
         part = seqs[i * 10 : (i + 1) * 10]
-        pq.write_table(pa.table({"row": np.arange(i * 10, (i + 1) * 10), "tokens": list(part)}), folder / f"part-{i}.parquet")
-    stats = fit_ngram.run(FitNGramConfig(tokenizer=str(tok_dir), n=2, pseudo_data=str(tmp_path / "pseudo"), output_dir=str(tmp_path / "ng")))
+        pq.write_table(
+            pa.table({"row": np.arange(i * 10, (i + 1) * 10), "tokens": list(part)}), folder / f"part-{i}.parquet"
+        )
+    stats = fit_ngram.run(
+        FitNGramConfig(
+            tokenizer=str(tok_dir), n=2, pseudo_data=str(tmp_path / "pseudo"), output_dir=str(tmp_path / "ng")
+        )
+    )
     direct = NGramDrafter(2, len(tok)).fit([list(map(int, s)) for s in seqs])
     assert NGramDrafter.load(tmp_path / "ng").to_rows() == direct.to_rows()
     assert stats["tokens"] == seqs.size and stats["source"].endswith("pseudo")
     with pytest.raises(DistilrayError, match="no Parquet"):
-        fit_ngram.run(FitNGramConfig(tokenizer=str(tok_dir), pseudo_data=str(tmp_path / "nothing"), output_dir=str(tmp_path / "ng2")))
+        fit_ngram.run(
+            FitNGramConfig(
+                tokenizer=str(tok_dir), pseudo_data=str(tmp_path / "nothing"), output_dir=str(tmp_path / "ng2")
+            )
+        )

@@ -22,7 +22,9 @@ def _read(path: str | Path) -> object:
 
 def _jsonl_corpus(tmp_path: Path, n: int = 60) -> Path:
     src = tmp_path / "src.jsonl"
-    src.write_text("".join(json.dumps({"body": f"record {i} text", "id": i}) + "\n" for i in range(n)), encoding="utf-8")
+    src.write_text(
+        "".join(json.dumps({"body": f"record {i} text", "id": i}) + "\n" for i in range(n)), encoding="utf-8"
+    )
     return src
 
 
@@ -49,7 +51,11 @@ def test_writes_json_splits_and_stats(tmp_path: Path) -> None:
 
     stats = _read(out_dir / "stats.json")
     assert stats["corpus"] == {
-        "dataset": str(src), "text_field": "body", "val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 7,
+        "dataset": str(src),
+        "text_field": "body",
+        "val_fraction": 0.1,
+        "test_fraction": 0.2,
+        "split_seed": 7,
     }
     for split in SPLITS:
         assert stats["splits"][split]["documents"] == result["documents"][split]
@@ -70,8 +76,9 @@ def test_output_folder_reads_back_as_the_same_splits(tmp_path: Path) -> None:
 
 
 def test_rerun_replaces_files_with_identical_content(tmp_path: Path) -> None:
-    cfg = PreprocessConfig(corpus=CorpusSpec(dataset=str(_jsonl_corpus(tmp_path)), text_field="body"),
-                           output_dir=str(tmp_path / "out"))
+    cfg = PreprocessConfig(
+        corpus=CorpusSpec(dataset=str(_jsonl_corpus(tmp_path)), text_field="body"), output_dir=str(tmp_path / "out")
+    )
     first = preprocess.run(cfg)
     before = {s: Path(first["files"][s]).read_bytes() for s in SPLITS}
     second = preprocess.run(cfg)
@@ -89,7 +96,9 @@ def test_tinyshakespeare_preprocess(tmp_path: Path) -> None:
 def test_bad_input_writes_nothing(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     with pytest.raises(DistilrayError, match="below 1"):
-        preprocess.run(PreprocessConfig(corpus=CorpusSpec(val_fraction=0.5, test_fraction=0.5), output_dir=str(out_dir)))
+        preprocess.run(
+            PreprocessConfig(corpus=CorpusSpec(val_fraction=0.5, test_fraction=0.5), output_dir=str(out_dir))
+        )
     with pytest.raises(DistilrayError, match="no such file"):
         preprocess.run(PreprocessConfig(corpus=CorpusSpec(dataset=str(tmp_path / "nope.txt")), output_dir=str(out_dir)))
     assert not out_dir.exists()

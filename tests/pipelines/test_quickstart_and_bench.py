@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from distilray.config import BenchTrainConfig, QuickstartConfig, load_config
 from distilray.bench import train as bench_train
+from distilray.config import BenchTrainConfig, QuickstartConfig, load_config
 from distilray.pipelines import quickstart
 
 pytestmark = pytest.mark.ray
@@ -16,13 +16,34 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
     cfg = load_config(
         QuickstartConfig,
         None,
-        [f"artifacts_dir={tmp_path}", "vocab_size=512", "target_steps=4", "drafter_steps=4", "seq_len=32", "batch_size=4", "sample_tokens=8",
-         "cdlm_tok_prob_threshold=0.01", "cdlm_prompts=2", "cdlm_new_tokens=8", "cdlm_similarity_threshold=0.0",
-         "spec_distill_steps=3", "spec_prompts=2", "spec_new_tokens=8"],
+        [
+            f"artifacts_dir={tmp_path}",
+            "vocab_size=512",
+            "target_steps=4",
+            "drafter_steps=4",
+            "seq_len=32",
+            "batch_size=4",
+            "sample_tokens=8",
+            "cdlm_tok_prob_threshold=0.01",
+            "cdlm_prompts=2",
+            "cdlm_new_tokens=8",
+            "cdlm_similarity_threshold=0.0",
+            "spec_distill_steps=3",
+            "spec_prompts=2",
+            "spec_new_tokens=8",
+        ],
     )
     summary = quickstart.run(cfg)
     table = quickstart.format_table(summary)
-    for needle in ("target (mini)", "drafter (tiny)", "test ppl", "validation ppl", "parameters", "CD-LM", "datastore keys"):
+    for needle in (
+        "target (mini)",
+        "drafter (tiny)",
+        "test ppl",
+        "validation ppl",
+        "parameters",
+        "CD-LM",
+        "datastore keys",
+    ):
         assert needle in table
     params = {stage: value for stage, figure, value in summary["rows"] if figure == "parameters"}
     assert int(params["drafter (tiny)"].replace(",", "")) < int(params["target (mini)"].replace(",", ""))
@@ -45,10 +66,22 @@ def test_bench_train_writes_ratios(ray_session, tmp_path):
     cfg = load_config(
         BenchTrainConfig,
         None,
-        ["model=tiny", "vocab_size=512", "seq_len=32", "batch_size=4", "warmup_steps=1", "steps=3", "worker_counts=[1]", f"artifacts_dir={tmp_path}", f"json_out={out}"],
+        [
+            "model=tiny",
+            "vocab_size=512",
+            "seq_len=32",
+            "batch_size=4",
+            "warmup_steps=1",
+            "steps=3",
+            "worker_counts=[1]",
+            f"artifacts_dir={tmp_path}",
+            f"json_out={out}",
+        ],
     )
     results = bench_train.run(cfg)
     written = json.loads(out.read_text())
-    assert written["ray_train_1w"]["ratio_vs_bare"] == pytest.approx(written["ray_train_1w"]["tokens_per_s"] / written["bare_loop"]["tokens_per_s"])
+    assert written["ray_train_1w"]["ratio_vs_bare"] == pytest.approx(
+        written["ray_train_1w"]["tokens_per_s"] / written["bare_loop"]["tokens_per_s"]
+    )
     assert written["goal"]["met"] == (written["goal"]["ratio"] >= 0.9)
     assert "Ray Train 1w" in bench_train.format_table(results)

@@ -14,9 +14,21 @@ pytestmark = pytest.mark.ray
 
 
 def _cfg(tmp_path, name, **over):
-    keys = {"model": "tiny", "steps": 6, "checkpoint_every": 3, "seq_len": 32, "batch_size": 4,
-            "warmup_steps": 2, "num_workers": 2, "vocab_size": 512, "eval_max_tokens": 2000,
-            "artifacts_dir": str(tmp_path), "name": name, "max_failures": 0, **over}
+    keys = {
+        "model": "tiny",
+        "steps": 6,
+        "checkpoint_every": 3,
+        "seq_len": 32,
+        "batch_size": 4,
+        "warmup_steps": 2,
+        "num_workers": 2,
+        "vocab_size": 512,
+        "eval_max_tokens": 2000,
+        "artifacts_dir": str(tmp_path),
+        "name": name,
+        "max_failures": 0,
+        **over,
+    }
     return load_config(TrainLMConfig, None, [f"{k}={v}" for k, v in keys.items()])
 
 

@@ -35,7 +35,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_bpe_tokenizer(["The quick brown fox jumps over the lazy dog. " * 20, "Police said on Monday. " * 20], vocab_size=300)
+    return train_bpe_tokenizer(
+        ["The quick brown fox jumps over the lazy dog. " * 20, "Police said on Monday. " * 20], vocab_size=300
+    )
 
 
 def test_pairs_split_deterministically_and_disjointly():
@@ -104,8 +106,18 @@ def test_bad_configs_are_named(tmp_path):
 
 def test_train_then_distil_with_ray_train(ray_session, tmp_path):
     cfg = config_from(
-        TrainSeq2SeqConfig, model="t5-micro", vocab_size=512, max_source_tokens=64, max_target_tokens=24, steps=25, batch_size=8,
-        lr=3e-3, warmup_steps=3, checkpoint_every=25, cpus_per_worker=1, artifacts_dir=str(tmp_path),
+        TrainSeq2SeqConfig,
+        model="t5-micro",
+        vocab_size=512,
+        max_source_tokens=64,
+        max_target_tokens=24,
+        steps=25,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=3,
+        checkpoint_every=25,
+        cpus_per_worker=1,
+        artifacts_dir=str(tmp_path),
     )
     result = train_seq2seq.run(cfg)
     assert result["steps"] == 25 and result["train_pairs"] == 200 and result["val_pairs"] == 25
@@ -120,7 +132,9 @@ def test_train_then_distil_with_ray_train(ray_session, tmp_path):
     assert len(out) == 8 and all(0 <= t < len(tokenizer) for t in out)
     assert train_seq2seq.run(cfg)["cached"] is True
 
-    kd = replace_keys(cfg, teacher=str(model_dir), loss="fkl", temperature=2.0, ce_weight=0.5, steps=6, checkpoint_every=6)
+    kd = replace_keys(
+        cfg, teacher=str(model_dir), loss="fkl", temperature=2.0, ce_weight=0.5, steps=6, checkpoint_every=6
+    )
     distilled = train_seq2seq.run(kd)
     assert distilled["teacher"] == str(model_dir) and distilled["run_dir"] != result["run_dir"]
     assert distilled["tokenizer_dir"] == str(model_dir.resolve())  # a drafter shares its teacher's tokenizer

@@ -28,8 +28,9 @@ class ToyConfig(Config):
     seed: int = 0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.05, warmup_steps=1, weight_decay=0.0))
     scale: ScaleConfig = field(default_factory=lambda: ScaleConfig(num_workers=1, cpus_per_worker=1, use_gpu="false"))
-    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=2, report_every=1,
-                                                                                 max_failures=1))
+    checkpoint: CheckpointConfig = field(
+        default_factory=lambda: CheckpointConfig(every=2, report_every=1, max_failures=1)
+    )
 
 
 class ToyHooks(TrainerHooks):
@@ -84,8 +85,10 @@ def ship_this_module(ray_session):
 
 def _run(run_dir: Path) -> dict:
     x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
-    return train(TrainJob(ToyHooks, ToyConfig(), run_dir, data={"x": x}),
-                 lambda m: {"round": m["round"], "teacher_norm": m["val_teacher_norm"]})
+    return train(
+        TrainJob(ToyHooks, ToyConfig(), run_dir, data={"x": x}),
+        lambda m: {"round": m["round"], "teacher_norm": m["val_teacher_norm"]},
+    )
 
 
 def test_extra_state_survives_a_worker_crash(tmp_path, monkeypatch):
