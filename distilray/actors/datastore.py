@@ -16,12 +16,10 @@ from typing import Any
 import numpy as np
 import ray
 
-from distilray.cdlm.datastore_files import read_manifest, read_shard, shard_of
+from distilray.cdlm.datastore_files import read_manifest, read_shard
 from distilray.cdlm.index import ShardIndex
+from distilray.cdlm.local import QueryResult, ShardBatch, merge_shard_answers, split_by_shard
 from distilray.errors import DistilrayError
-
-# (chunk token ids or None when the entry token has no keys, cosine similarity or -inf)
-QueryResult = tuple[tuple[int, ...] | None, float]
 
 
 class DatastoreShard:
@@ -42,8 +40,12 @@ class DatastoreShard:
 
     def ready(self) -> dict[str, Any]:
         """Answers once the shard is loaded; the shard's identity for the router to check."""
-        return {"shard_index": self._shard_index, "num_shards": self._num_shards,
-                "hidden_dim": self._index.hidden_dim, "num_keys": self._index.num_keys}
+        return {
+            "shard_index": self._shard_index,
+            "num_shards": self._num_shards,
+            "hidden_dim": self._index.hidden_dim,
+            "num_keys": self._index.num_keys,
+        }
 
     def query(self, entries: np.ndarray, queries: np.ndarray) -> list[QueryResult]:
         """entries (b,) ints, queries (b, d) floats -> per query (chunk | None, cosine)."""
@@ -59,11 +61,18 @@ class DatastoreShard:
         except Exception:  # not running as an actor (tests may use the plain class)
             restarted = False
         return {
-            "path": self._path, "shard_index": self._shard_index, "num_keys": self._index.num_keys,
-            "num_chunks": self._num_chunks, "num_entries": self._index.num_entries,
-            "memory_bytes": self._index.memory_bytes(), "backends": self._index.backend_counts(),
-            "load_seconds": self._load_seconds, "queries": self._queries, "batches": self._batches,
-            "pid": os.getpid(), "restarted": restarted,
+            "path": self._path,
+            "shard_index": self._shard_index,
+            "num_keys": self._index.num_keys,
+            "num_chunks": self._num_chunks,
+            "num_entries": self._index.num_entries,
+            "memory_bytes": self._index.memory_bytes(),
+            "backends": self._index.backend_counts(),
+            "load_seconds": self._load_seconds,
+            "queries": self._queries,
+            "batches": self._batches,
+            "pid": os.getpid(),
+            "restarted": restarted,
         }
 
 
@@ -142,8 +151,13 @@ class DatastoreRouter:
             )
         num_shards = int(manifest["num_shards"])
         handles = [
-            start_shard_actor(Path(folder) / name, num_shards=num_shards, num_cpus=num_cpus,
-                              faiss_min_rows=faiss_min_rows, approx_min_rows=approx_min_rows)
+            start_shard_actor(
+                Path(folder) / name,
+                num_shards=num_shards,
+                num_cpus=num_cpus,
+                faiss_min_rows=faiss_min_rows,
+                approx_min_rows=approx_min_rows,
+            )
             for name in manifest["shards"]
         ]
         router = cls(str(folder), manifest, handles)
@@ -151,13 +165,15 @@ class DatastoreRouter:
             infos = ray.get([h.ready.remote() for h in handles], timeout=ready_timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
             router.close()
-            raise DistilrayError(f"datastore shards of {folder} not ready after {ready_timeout_s} s "
-                                 "(no node with room for them?)") from exc
+            raise DistilrayError(
+                f"datastore shards of {folder} not ready after {ready_timeout_s} s (no node with room for them?)"
+            ) from exc
         except ray.exceptions.RayActorError as exc:
             router.close()
             raise DistilrayError(f"a datastore shard of {folder} failed to load: {_root_cause(exc)}") from exc
-        expected = [{"shard_index": i, "num_shards": num_shards, "hidden_dim": router.hidden_dim}
-                    for i in range(num_shards)]
+        expected = [
+            {"shard_index": i, "num_shards": num_shards, "hidden_dim": router.hidden_dim} for i in range(num_shards)
+        ]
         for name, info, want in zip(manifest["shards"], infos, expected):
             if any(info[k] != v for k, v in want.items()):
                 router.close()
@@ -179,27 +195,23 @@ class DatastoreRouter:
             raise DistilrayError("entry tokens must be non-negative integers")
         return entries, queries
 
+    def scatter(self, entries, queries) -> tuple[int, list[ShardBatch], list]:
+        """Checked queries sent out: (batch size, the shard batches, one object ref per batch), all
+        sent before any is awaited. Callers await the refs (ray.get, or await in a Serve replica) and
+        hand the answers to `merge_shard_answers`."""
+        self._check_open()
+        entries, queries = self.check_queries(entries, queries)
+        batches = split_by_shard(entries, self.num_shards)
+        refs = [self._handles[b.shard].query.remote(entries[b.index], queries[b.index]) for b in batches]
+        return entries.shape[0], batches, refs
+
     def query_batch(self, entries: np.ndarray, queries: np.ndarray) -> list[QueryResult]:
         """entries (B,) ints >= 0, queries (B, d) floats -> per query (chunk | None, cosine), in input order.
 
-        One call per shard that has queries, all sent before any is awaited.
+        One call per shard that has queries.
         """
-        self._check_open()
-        entries, queries = self.check_queries(entries, queries)
-        b = entries.shape[0]
-        if b == 0:
-            return []
-        owner = shard_of(entries, self.num_shards)
-        parts = []
-        for s in np.unique(owner).tolist():
-            idx = np.flatnonzero(owner == s)
-            parts.append((idx, self._handles[s].query.remote(entries[idx], queries[idx])))
-        answers = ray.get([ref for _, ref in parts])
-        out: list[QueryResult] = [(None, float("-inf"))] * b
-        for (idx, _), answer in zip(parts, answers):
-            for i, result in zip(idx.tolist(), answer):
-                out[i] = result
-        return out
+        size, batches, refs = self.scatter(entries, queries)
+        return merge_shard_answers(size, batches, ray.get(refs))
 
     def lookup(self, entry: int, hidden: np.ndarray) -> tuple[tuple[int, ...], float] | None:
         """Single-query adapter for retrieval decoding: hidden (d,) -> (chunk, cosine) or None."""
@@ -213,10 +225,13 @@ class DatastoreRouter:
         self._check_open()
         shards = ray.get([h.stats.remote() for h in self._handles])
         return {
-            "folder": self.folder, "num_shards": self.num_shards, "hidden_dim": self.hidden_dim,
+            "folder": self.folder,
+            "num_shards": self.num_shards,
+            "hidden_dim": self.hidden_dim,
             "num_keys": sum(s["num_keys"] for s in shards),
             "memory_bytes": sum(s["memory_bytes"] for s in shards),
-            "queries": sum(s["queries"] for s in shards), "shards": shards,
+            "queries": sum(s["queries"] for s in shards),
+            "shards": shards,
         }
 
     def handles(self) -> list:

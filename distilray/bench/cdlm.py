@@ -22,13 +22,23 @@ import numpy as np
 import torch
 
 from distilray import corpus
+from distilray.actors.cluster import ensure_ray
 from distilray.actors.datastore import DatastoreRouter
 from distilray.cdlm.build import datastore_from_sequences
 from distilray.cdlm.datastore_files import write_synthetic_datastore
 from distilray.cdlm.evaluate import perplexities, sequence_proposals
 from distilray.cdlm.extraction import score_windows
 from distilray.cdlm.local import LocalDatastore
-from distilray.config import BenchCDLMConfig, BuildDatastoreConfig, CDLMPerplexityConfig, CorpusSpec, ExtractConfig, QuickstartConfig, TrainLMConfig
+from distilray.config import (
+    BenchCDLMConfig,
+    BuildDatastoreConfig,
+    CDLMPerplexityConfig,
+    CorpusSpec,
+    ExtractConfig,
+    QuickstartConfig,
+    TrainLMConfig,
+    config_from,
+)
 from distilray.decoding.retrieval import chunk_hit_rate, fps, mean_chunk_length, retrieval_generate, tts
 from distilray.eval.mauve import mauve, mean_hidden_features
 from distilray.eval.rouge import rouge_l
@@ -37,17 +47,28 @@ from distilray.models.causal_lm import load_causal_lm
 from distilray.pipelines import build_datastore, extract, train_lm, train_tokenizer
 from distilray.pipelines.cdlm_ppl import test_sequences
 from distilray.pipelines.quickstart import lm_config
-from distilray.pipelines.ray_runtime import ensure_ray
 from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
 
-GOALS = {"scd.fps": 0.45, "scd.tts": 0.30, "scd.rouge_l_vs_baseline": 0.8, "kcd.ppl_reduction": 0.30, "verify.fps": 0.2, "extract.ratio_vs_bare": 0.85, "datastore.p99_ms": 5.0}
+GOALS = {
+    "scd.fps": 0.45,
+    "scd.tts": 0.30,
+    "scd.rouge_l_vs_baseline": 0.8,
+    "kcd.ppl_reduction": 0.30,
+    "verify.fps": 0.2,
+    "extract.ratio_vs_bare": 0.85,
+    "datastore.p99_ms": 5.0,
+}
 
 
 def _prompts(cfg: BenchCDLMConfig, tokenizer) -> list[list[int]]:
     """Prompts cut from the test split, one every prompt + answer length, so none overlaps another."""
     spec = CorpusSpec(dataset=cfg.eval_data) if cfg.eval_data else CorpusSpec()
     step = cfg.prompt_tokens + cfg.max_new_tokens
-    prompts = [d[i : i + cfg.prompt_tokens] for d in encode_documents(tokenizer, corpus.load_splits(spec)["test"]) for i in range(0, len(d) - step, step)]
+    prompts = [
+        d[i : i + cfg.prompt_tokens]
+        for d in encode_documents(tokenizer, corpus.load_splits(spec)["test"])
+        for i in range(0, len(d) - step, step)
+    ]
     return prompts[: cfg.prompts]
 
 
@@ -56,12 +77,34 @@ def bench_scd_and_verify(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> 
     answers = []
     for i, prompt in enumerate(prompts):  # the datastore text: the model's own sampled answers
         for k in range(cfg.scd_samples):
-            rec = retrieval_generate(model, prompt, cfg.max_new_tokens, None, mode="baseline", temperature=cfg.scd_temperature, seed=cfg.seed + 1000 * i + k)
+            rec = retrieval_generate(
+                model,
+                prompt,
+                cfg.max_new_tokens,
+                None,
+                mode="baseline",
+                temperature=cfg.scd_temperature,
+                seed=cfg.seed + 1000 * i + k,
+            )
             answers.append(list(prompt) + rec.token_ids)
-    manifest = datastore_from_sequences(model, answers, cfg.tok_prob_threshold, work / "scd_datastore", 2, vocab_fingerprint(tokenizer))
+    manifest = datastore_from_sequences(
+        model, answers, cfg.tok_prob_threshold, work / "scd_datastore", 2, vocab_fingerprint(tokenizer)
+    )
     eos = tokenizer.eos_token_id
+
     def run(mode, lookup):
-        return [retrieval_generate(model, p, cfg.max_new_tokens, lookup, mode=mode, similarity_threshold=cfg.similarity_threshold, eos_token_id=eos) for p in prompts]
+        return [
+            retrieval_generate(
+                model,
+                p,
+                cfg.max_new_tokens,
+                lookup,
+                mode=mode,
+                similarity_threshold=cfg.similarity_threshold,
+                eos_token_id=eos,
+            )
+            for p in prompts
+        ]
 
     with DatastoreRouter.open(work / "scd_datastore", vocab_fingerprint(tokenizer)) as router:
         run("baseline", None)  # warm-up: caches, allocator, actor connections
@@ -70,22 +113,54 @@ def bench_scd_and_verify(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> 
     paper_local = run("paper", local)
     rouge = float(np.mean([rouge_l(b.token_ids, p.token_ids) for b, p in zip(base, paper)]))
     scd = {
-        "prompts": len(prompts), "datastore_keys": int(manifest["num_keys"]), "datastore_chunks": int(manifest["num_chunks"]),
-        "similarity_threshold": cfg.similarity_threshold, "sampling_temperature": cfg.scd_temperature,
-        "fps": fps(paper), "tts": tts(base, paper), "rouge_l_vs_baseline": rouge,
-        "chunk_hit_rate": chunk_hit_rate(paper), "mean_chunk_length": mean_chunk_length(paper),
+        "prompts": len(prompts),
+        "datastore_keys": int(manifest["num_keys"]),
+        "datastore_chunks": int(manifest["num_chunks"]),
+        "similarity_threshold": cfg.similarity_threshold,
+        "sampling_temperature": cfg.scd_temperature,
+        "fps": fps(paper),
+        "tts": tts(base, paper),
+        "rouge_l_vs_baseline": rouge,
+        "chunk_hit_rate": chunk_hit_rate(paper),
+        "mean_chunk_length": mean_chunk_length(paper),
         "seconds_per_token_baseline": sum(r.seconds for r in base) / sum(len(r.token_ids) for r in base),
         "seconds_per_token_cdlm": sum(r.seconds for r in paper) / sum(len(r.token_ids) for r in paper),
         "lookups_via": "2 datastore shard actors through the router (one Ray call per decoding step)",
-        "colocated": {"tts": tts(base, paper_local), "fps": fps(paper_local), "lookups_via": "the same datastore loaded in the decoding process"},
+        "colocated": {
+            "tts": tts(base, paper_local),
+            "fps": fps(paper_local),
+            "lookups_via": "the same datastore loaded in the decoding process",
+        },
     }
     same = [b.token_ids == v.token_ids for b, v in zip(base, verify)]
-    ver = {"identical_to_baseline": all(same), "identical_prompts": int(sum(same)), "prompts": len(same), "fps": fps(verify), "tts": tts(base, verify)}
+    ver = {
+        "identical_to_baseline": all(same),
+        "identical_prompts": int(sum(same)),
+        "prompts": len(same),
+        "fps": fps(verify),
+        "tts": tts(base, verify),
+    }
     return scd, ver
 
 
-ECD_NAMES = ["Alice Moreau", "Bruno Keller", "Chen Wei", "Dana Okafor", "Emil Novak", "Farah Haddad", "Goran Petrov", "Hana Sato",
-             "Ivan Rossi", "Julia Berg", "Kofi Mensah", "Lena Fischer", "Marco Silva", "Nadia Costa", "Omar Aziz", "Paula Lind"]
+ECD_NAMES = [
+    "Alice Moreau",
+    "Bruno Keller",
+    "Chen Wei",
+    "Dana Okafor",
+    "Emil Novak",
+    "Farah Haddad",
+    "Goran Petrov",
+    "Hana Sato",
+    "Ivan Rossi",
+    "Julia Berg",
+    "Kofi Mensah",
+    "Lena Fischer",
+    "Marco Silva",
+    "Nadia Costa",
+    "Omar Aziz",
+    "Paula Lind",
+]
 
 
 def bench_ecd(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> dict:
@@ -98,14 +173,24 @@ def bench_ecd(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> dict:
     # curated text is trusted as it is: every token counts as confident (threshold near 0)
     datastore_from_sequences(model, seqs, 1e-6, work / "ecd_datastore", 2, vocab_fingerprint(tokenizer))
     store = LocalDatastore(work / "ecd_datastore")
-    prompts = {"exact": "The badge number of {} is", "paraphrase": "Q: What badge number does {} have? A: The badge number is"}
+    prompts = {
+        "exact": "The badge number of {} is",
+        "paraphrase": "Q: What badge number does {} have? A: The badge number is",
+    }
     out: dict = {"facts": len(facts)}
     for kind, template in prompts.items():
         ids = encode_documents(tokenizer, [template.format(n) for n in facts])
         for mode, lookup in (("base", None), ("cdlm", store)):
             hits = 0
             for p, code in zip(ids, facts.values()):
-                rec = retrieval_generate(model, p, 8, lookup, mode="paper" if lookup else "baseline", similarity_threshold=cfg.similarity_threshold)
+                rec = retrieval_generate(
+                    model,
+                    p,
+                    8,
+                    lookup,
+                    mode="paper" if lookup else "baseline",
+                    similarity_threshold=cfg.similarity_threshold,
+                )
                 hits += code in tokenizer.decode(rec.token_ids)
             out[f"{kind}.{mode}_accuracy"] = hits / len(facts)
     return out
@@ -113,42 +198,105 @@ def bench_ecd(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> dict:
 
 def bench_kcd(cfg: BenchCDLMConfig, domain: str, gen_dir: str, model, tokenizer, work: Path) -> dict:
     spec = CorpusSpec(dataset=domain)
-    tuned = train_lm.run(TrainLMConfig(corpus=spec, model=gen_dir, steps=cfg.kcd_finetune_steps, lr=3e-4, warmup_steps=10, seq_len=128, batch_size=16, checkpoint_every=cfg.kcd_finetune_steps, artifacts_dir=cfg.artifacts_dir, seed=cfg.seed))
+    tuned = train_lm.run(
+        config_from(
+            TrainLMConfig,
+            corpus=spec,
+            model=gen_dir,
+            steps=cfg.kcd_finetune_steps,
+            lr=3e-4,
+            warmup_steps=10,
+            seq_len=128,
+            batch_size=16,
+            checkpoint_every=cfg.kcd_finetune_steps,
+            artifacts_dir=cfg.artifacts_dir,
+            seed=cfg.seed,
+        )
+    )
     # one extraction folder per (generator, datastore model) pair: a resumed run must not mix them
-    ext_dir = Path(cfg.artifacts_dir) / "bench_cdlm" / f"extract-{domain}-{Path(gen_dir).parent.name}-{Path(tuned['model_dir']).parent.name}"
-    extract.run(ExtractConfig(model=gen_dir, datastore_model=tuned["model_dir"], corpus=spec, window=cfg.kcd_window, stride=cfg.kcd_stride, min_length=32, max_windows=cfg.kcd_max_windows, output_dir=str(ext_dir)))
+    ext_dir = (
+        Path(cfg.artifacts_dir)
+        / "bench_cdlm"
+        / f"extract-{domain}-{Path(gen_dir).parent.name}-{Path(tuned['model_dir']).parent.name}"
+    )
+    extract.run(
+        ExtractConfig(
+            model=gen_dir,
+            datastore_model=tuned["model_dir"],
+            corpus=spec,
+            window=cfg.kcd_window,
+            stride=cfg.kcd_stride,
+            min_length=32,
+            max_windows=cfg.kcd_max_windows,
+            output_dir=str(ext_dir),
+        )
+    )
     ds_dir = work / f"kcd-{domain}"
-    stats = build_datastore.run(BuildDatastoreConfig(extract_dir=str(ext_dir / "train"), tok_prob_threshold=cfg.tok_prob_threshold, num_shards=2, output_dir=str(ds_dir)))
+    stats = build_datastore.run(
+        BuildDatastoreConfig(
+            extract_dir=str(ext_dir / "train"),
+            tok_prob_threshold=cfg.tok_prob_threshold,
+            num_shards=2,
+            output_dir=str(ds_dir),
+        )
+    )
     with DatastoreRouter.open(ds_dir, vocab_fingerprint(tokenizer)) as router:
+
         def proposals(split):
-            seqs = test_sequences(CDLMPerplexityConfig(corpus=spec, split=split, seq_len=cfg.kcd_window, num_sequences=cfg.kcd_sequences), tokenizer, cfg.kcd_window)
+            seqs = test_sequences(
+                CDLMPerplexityConfig(corpus=spec, split=split, seq_len=cfg.kcd_window, num_sequences=cfg.kcd_sequences),
+                tokenizer,
+                cfg.kcd_window,
+            )
             return [sequence_proposals(model, s, router.query_batch) for s in seqs]
+
         val, test = proposals("validation"), proposals("test")
         quality = _kcd_generation_quality(cfg, spec, model, tokenizer, router)
     by_q = {q: perplexities(val, q)["ppl_cdlm"] for q in cfg.q_funcs}
     chosen = min(by_q, key=by_q.get)  # g_phi calibrated on held-out text, then applied to test
     result = perplexities(test, chosen)
     return {
-        "ppl_base": result["ppl_base"], "ppl_cdlm": result["ppl_cdlm"], "reduction": 1 - result["ppl_cdlm"] / result["ppl_base"],
-        "q_func": chosen, "validation_ppl_cdlm_by_q_func": by_q, "test_tokens": result["tokens"],
-        "exact_match_proposals": result["exact_match_proposals"], "datastore_keys": stats["keys"], "datastore_chunks": stats["chunks"],
-        "datastore_model": tuned["model_dir"], "datastore_model_steps": tuned["steps"], **quality,
+        "ppl_base": result["ppl_base"],
+        "ppl_cdlm": result["ppl_cdlm"],
+        "reduction": 1 - result["ppl_cdlm"] / result["ppl_base"],
+        "q_func": chosen,
+        "validation_ppl_cdlm_by_q_func": by_q,
+        "test_tokens": result["tokens"],
+        "exact_match_proposals": result["exact_match_proposals"],
+        "datastore_keys": stats["keys"],
+        "datastore_chunks": stats["chunks"],
+        "datastore_model": tuned["model_dir"],
+        "datastore_model_steps": tuned["steps"],
+        **quality,
     }
 
 
-def _kcd_generation_quality(cfg: BenchCDLMConfig, spec: CorpusSpec, model, tokenizer, router, n: int = 40, length: int = 32) -> dict:
+def _kcd_generation_quality(
+    cfg: BenchCDLMConfig, spec: CorpusSpec, model, tokenizer, router, n: int = 40, length: int = 32
+) -> dict:
     """MAUVE of greedy continuations (baseline and paper mode) against the test split's own continuations.
 
     Features are the generator's mean last-layer hidden states (the paper uses GPT-2 large's); with
     40 texts per side the figure is coarse: compare the two modes, not absolute values.
     """
     docs = encode_documents(tokenizer, corpus.load_splits(spec)["test"])
-    pairs = [(d[i : i + cfg.prompt_tokens], d[i + cfg.prompt_tokens : i + cfg.prompt_tokens + length]) for d in docs for i in range(0, len(d) - cfg.prompt_tokens - length, cfg.prompt_tokens + length)][:n]
+    pairs = [
+        (d[i : i + cfg.prompt_tokens], d[i + cfg.prompt_tokens : i + cfg.prompt_tokens + length])
+        for d in docs
+        for i in range(0, len(d) - cfg.prompt_tokens - length, cfg.prompt_tokens + length)
+    ][:n]
     refs = [c for _, c in pairs]
     out = {}
     for mode, lookup in (("baseline", None), ("paper", router)):
-        gens = [retrieval_generate(model, p, length, lookup, mode=mode, similarity_threshold=cfg.similarity_threshold).token_ids for p, _ in pairs]
-        out[f"mauve_{mode}"] = mauve(mean_hidden_features(model, refs), mean_hidden_features(model, gens), seed=cfg.seed)
+        gens = [
+            retrieval_generate(
+                model, p, length, lookup, mode=mode, similarity_threshold=cfg.similarity_threshold
+            ).token_ids
+            for p, _ in pairs
+        ]
+        out[f"mauve_{mode}"] = mauve(
+            mean_hidden_features(model, refs), mean_hidden_features(model, gens), seed=cfg.seed
+        )
     out["mauve_texts"] = len(pairs)
     return out
 
@@ -166,7 +314,15 @@ def _bare_extract(model_dir: str, windows: list[tuple[int, ...]], batch_size: in
 def bench_extract(cfg: BenchCDLMConfig, gen_dir: str, work: Path) -> dict:
     import ray
 
-    ecfg = ExtractConfig(model=gen_dir, window=256, stride=224, min_length=32, max_windows=cfg.extract_windows, windows_per_shard=16, output_dir=str(work / "extract"))
+    ecfg = ExtractConfig(
+        model=gen_dir,
+        window=256,
+        stride=224,
+        min_length=32,
+        max_windows=cfg.extract_windows,
+        windows_per_shard=16,
+        output_dir=str(work / "extract"),
+    )
     windows, _ = extract.plan_windows(ecfg)
     tokens = sum(len(w.tokens) for w in windows)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -178,7 +334,14 @@ def bench_extract(cfg: BenchCDLMConfig, gen_dir: str, work: Path) -> dict:
     start = time.perf_counter()  # Ray Data planning, actor start and model load count, as the bare loop's load does
     extract.run_actor_pool(ecfg, out, shards, list(range(len(shards))))
     ray_s = time.perf_counter() - start
-    return {"tokens": tokens, "windows": len(windows), "actors": 1, "bare_tokens_per_s": tokens / bare_s, "ray_tokens_per_s": tokens / ray_s, "ratio_vs_bare": bare_s / ray_s}
+    return {
+        "tokens": tokens,
+        "windows": len(windows),
+        "actors": 1,
+        "bare_tokens_per_s": tokens / bare_s,
+        "ray_tokens_per_s": tokens / ray_s,
+        "ratio_vs_bare": bare_s / ray_s,
+    }
 
 
 def bench_datastore(cfg: BenchCDLMConfig, work: Path) -> dict:
@@ -195,7 +358,15 @@ def bench_datastore(cfg: BenchCDLMConfig, work: Path) -> dict:
             t0 = time.perf_counter()
             router.lookup(int(e), q)
             times.append((time.perf_counter() - t0) * 1000)
-    return {"keys": int(manifest["num_keys"]), "shards": 2, "hidden_dim": cfg.datastore_dim, "synthetic_keys": True, "queries": len(times), "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+    return {
+        "keys": int(manifest["num_keys"]),
+        "shards": 2,
+        "hidden_dim": cfg.datastore_dim,
+        "synthetic_keys": True,
+        "queries": len(times),
+        "p50_ms": float(np.percentile(times, 50)),
+        "p99_ms": float(np.percentile(times, 99)),
+    }
 
 
 def run(cfg: BenchCDLMConfig) -> dict:
@@ -208,7 +379,12 @@ def run(cfg: BenchCDLMConfig) -> dict:
     model, tokenizer = load_causal_lm(gen_dir), load_tokenizer(gen_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one-token decoding steps of a small model run faster on one thread
-    results: dict = {"generator": gen_dir, "generator_parameters": target["parameters"], "generator_steps": target["steps"], "generator_val_ppl": target["val_ppl"]}
+    results: dict = {
+        "generator": gen_dir,
+        "generator_parameters": target["parameters"],
+        "generator_steps": target["steps"],
+        "generator_val_ppl": target["val_ppl"],
+    }
     with tempfile.TemporaryDirectory(prefix="distilray-bench-cdlm-") as tmp:
         work = Path(tmp)
         print("[bench cdlm] SCD and verify ...", flush=True)
@@ -234,10 +410,16 @@ def _goals(r: dict) -> dict:
     g = {
         "scd.fps": (r["scd"]["fps"], r["scd"]["fps"] >= GOALS["scd.fps"]),
         "scd.tts": (r["scd"]["tts"], r["scd"]["tts"] >= GOALS["scd.tts"]),
-        "scd.rouge_l_vs_baseline": (r["scd"]["rouge_l_vs_baseline"], r["scd"]["rouge_l_vs_baseline"] >= GOALS["scd.rouge_l_vs_baseline"]),
+        "scd.rouge_l_vs_baseline": (
+            r["scd"]["rouge_l_vs_baseline"],
+            r["scd"]["rouge_l_vs_baseline"] >= GOALS["scd.rouge_l_vs_baseline"],
+        ),
         "verify.identical_to_baseline": (r["verify"]["identical_to_baseline"], r["verify"]["identical_to_baseline"]),
         "verify.fps": (r["verify"]["fps"], r["verify"]["fps"] > GOALS["verify.fps"]),
-        "extract.ratio_vs_bare": (r["extract"]["ratio_vs_bare"], r["extract"]["ratio_vs_bare"] >= GOALS["extract.ratio_vs_bare"]),
+        "extract.ratio_vs_bare": (
+            r["extract"]["ratio_vs_bare"],
+            r["extract"]["ratio_vs_bare"] >= GOALS["extract.ratio_vs_bare"],
+        ),
         "datastore.p99_ms": (r["datastore"]["p99_ms"], r["datastore"]["p99_ms"] < GOALS["datastore.p99_ms"]),
     }
     for domain, k in r["kcd"].items():
@@ -246,16 +428,31 @@ def _goals(r: dict) -> dict:
 
 
 def format_table(r: dict) -> str:
-    lines = [f"bench cdlm: generator {r['generator']} ({r['generator_parameters']:,} params)", f"{'figure':<34}{'value':>12}  goal"]
+    lines = [
+        f"bench cdlm: generator {r['generator']} ({r['generator_parameters']:,} params)",
+        f"{'figure':<34}{'value':>12}  goal",
+    ]
     for name, g in r["goals"].items():
         v = g["value"]
         shown = f"{v:.3f}" if isinstance(v, float) else str(v)
         lines.append(f"{name:<34}{shown:>12}  {'met' if g['met'] else 'NOT met'}")
     for domain, k in r["kcd"].items():
-        lines.append(f"kcd.{domain}: ppl {k['ppl_base']:.2f} -> {k['ppl_cdlm']:.2f} ({k['q_func']}); MAUVE baseline {k['mauve_baseline']:.3f}, paper {k['mauve_paper']:.3f} ({k['mauve_texts']} texts)")
+        lines.append(
+            f"kcd.{domain}: ppl {k['ppl_base']:.2f} -> {k['ppl_cdlm']:.2f} ({k['q_func']}); "
+            f"MAUVE baseline {k['mauve_baseline']:.3f}, paper {k['mauve_paper']:.3f} ({k['mauve_texts']} texts)"
+        )
     d = r["datastore"]
     e = r["ecd"]
-    lines.append(f"ecd accuracy ({e['facts']} injected facts): exact prompts {e['exact.base_accuracy']:.2f} -> {e['exact.cdlm_accuracy']:.2f}, paraphrased {e['paraphrase.base_accuracy']:.2f} -> {e['paraphrase.cdlm_accuracy']:.2f}")
-    lines.append(f"scd with the datastore in-process (no actor round trip): TTS {r['scd']['colocated']['tts']:.3f}, FPS {r['scd']['colocated']['fps']:.3f}")
-    lines.append(f"datastore: {d['keys']:,} synthetic keys, 2 shard actors: p50 {d['p50_ms']:.2f} ms, p99 {d['p99_ms']:.2f} ms")
+    lines.append(
+        f"ecd accuracy ({e['facts']} injected facts): "
+        f"exact prompts {e['exact.base_accuracy']:.2f} -> {e['exact.cdlm_accuracy']:.2f}, "
+        f"paraphrased {e['paraphrase.base_accuracy']:.2f} -> {e['paraphrase.cdlm_accuracy']:.2f}"
+    )
+    lines.append(
+        f"scd with the datastore in-process (no actor round trip): TTS {r['scd']['colocated']['tts']:.3f}, "
+        f"FPS {r['scd']['colocated']['fps']:.3f}"
+    )
+    lines.append(
+        f"datastore: {d['keys']:,} synthetic keys, 2 shard actors: p50 {d['p50_ms']:.2f} ms, p99 {d['p99_ms']:.2f} ms"
+    )
     return "\n".join(lines)

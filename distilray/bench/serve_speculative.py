@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from distilray.decoding.drafter_api import DrafterWrapper
+
 APP_NAME = "bench-speculative"
 DRAFTER_NAME = "bench"
 
@@ -50,42 +52,37 @@ def _start_serve() -> tuple[int, bool]:
     return int(_get_global_client().http_config.port), not running
 
 
-class _TimedDrafter:
+class _TimedDrafter(DrafterWrapper):
     """The in-process drafter with its time counted, so both sides split into drafter and target time."""
 
     def __init__(self, drafter: Any) -> None:
-        self.drafter, self.vocab_size, self.seconds, self.steps = drafter, drafter.vocab_size, 0.0, 0
+        super().__init__(drafter)
+        self.needs_target_hidden = drafter.needs_target_hidden
+        self.seconds, self.steps = 0.0, 0
 
     def start(self, prefix: list[int]) -> None:
         start = time.perf_counter()
-        self.drafter.start(prefix)
+        self.inner.start(prefix)
         self.seconds += time.perf_counter() - start
 
-    def propose(self, g: int, temperature: float, top_p: float, generator: Any) -> Any:
-        from distilray.decoding.speculative import propose
-
+    def propose(self, gamma: int, sampler: Any, target_hidden: Any = None) -> Any:
         start = time.perf_counter()
-        out = propose(self.drafter, g, temperature, top_p, generator)  # the drafter's own loop
+        out = self.inner.propose(gamma, sampler, target_hidden)  # the drafter's own loop
         self.seconds += time.perf_counter() - start
-        if g > 0:  # the remote side makes no round trip for g == 0 either
+        if gamma > 0:  # the remote side makes no round trip for gamma == 0 either
             self.steps += 1
         return out
 
-    def push(self, tokens: list[int]) -> None:
-        self.drafter.push(tokens)
 
-    def rollback(self, length: int) -> None:
-        self.drafter.rollback(length)
-
-    def length(self) -> int:
-        return self.drafter.length()
-
-    def next_logits(self) -> torch.Tensor:
-        return self.drafter.next_logits()
-
-
-def serve_vs_in_process(target_dir: str, drafter_dir: str, prompts: list[str], max_tokens: int, gamma: int,
-                        repeats: int = 1, num_cpus: float = 1) -> dict[str, Any]:
+def serve_vs_in_process(
+    target_dir: str,
+    drafter_dir: str,
+    prompts: list[str],
+    max_tokens: int,
+    gamma: int,
+    repeats: int = 1,
+    num_cpus: float = 1,
+) -> dict[str, Any]:
     """Greedy speculative decoding tokens/s in this process and through the endpoint, side by side.
 
     Returns tokens_per_s_in_process, tokens_per_s_serve, ratio_vs_in_process (serve / in-process),
@@ -97,11 +94,11 @@ def serve_vs_in_process(target_dir: str, drafter_dir: str, prompts: list[str], m
     """
     from ray import serve
 
+    from distilray.actors.cluster import ensure_ray
+    from distilray.decoding.drafters import load_drafter
     from distilray.decoding.speculative import speculative_generate
     from distilray.errors import DistilrayError
     from distilray.models.causal_lm import load_causal_lm
-    from distilray.models.drafters import load_drafter
-    from distilray.pipelines.ray_runtime import ensure_ray
     from distilray.serve_apps.speculative import build_app
     from distilray.tokenizer import load_tokenizer
 
@@ -129,8 +126,14 @@ def serve_vs_in_process(target_dir: str, drafter_dir: str, prompts: list[str], m
     port, started = _start_serve()
     path = f"/{APP_NAME}/v1/completions"
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    args = {"target": target_dir, "drafters": {DRAFTER_NAME: drafter_dir}, "default_drafter": DRAFTER_NAME,
-            "default_gamma": gamma, "max_tokens_limit": max_tokens, "num_cpus": num_cpus}
+    args = {
+        "target": target_dir,
+        "drafters": {DRAFTER_NAME: drafter_dir},
+        "default_drafter": DRAFTER_NAME,
+        "default_gamma": gamma,
+        "max_tokens_limit": max_tokens,
+        "num_cpus": num_cpus,
+    }
     serve.run(build_app(args), name=APP_NAME, route_prefix=f"/{APP_NAME}", blocking=False)
 
     def served(prompt: str) -> tuple[str, int, float, dict[str, Any]]:
@@ -139,8 +142,17 @@ def serve_vs_in_process(target_dir: str, drafter_dir: str, prompts: list[str], m
         seconds = time.perf_counter() - start
         return out["choices"][0]["text"], out["usage"]["completion_tokens"], seconds, out["distilray"]
 
-    remote = {"tokens": 0, "seconds": 0.0, "decode_seconds": 0.0, "ingress_seconds": 0.0, "round_trips": 0,
-              "round_trip_seconds": 0.0, "drafter_seconds": 0.0, "passes": 0, "requests": 0}
+    remote = {
+        "tokens": 0,
+        "seconds": 0.0,
+        "decode_seconds": 0.0,
+        "ingress_seconds": 0.0,
+        "round_trips": 0,
+        "round_trip_seconds": 0.0,
+        "drafter_seconds": 0.0,
+        "passes": 0,
+        "requests": 0,
+    }
     same = True
     try:
         torch.set_num_threads(threads)
@@ -193,9 +205,13 @@ def serve_vs_in_process(target_dir: str, drafter_dir: str, prompts: list[str], m
         "http_ms": 1000 * (remote["seconds"] - remote["ingress_seconds"]) / remote["requests"],
         "ingress_to_decode_ms": 1000 * (remote["ingress_seconds"] - remote["decode_seconds"]) / remote["requests"],
         "target_ms_per_pass_in_process": 1000 * (local["decode_seconds"] - drafter.seconds) / max(1, local["passes"]),
-        "target_ms_per_pass_serve": 1000 * (remote["decode_seconds"] - remote["round_trip_seconds"])
+        "target_ms_per_pass_serve": 1000
+        * (remote["decode_seconds"] - remote["round_trip_seconds"])
         / max(1, remote["passes"]),
         "tokens_per_target_pass": remote["tokens"] / max(1, remote["passes"]),
-        "tokens": local["tokens"], "requests": remote["requests"], "max_tokens": max_tokens, "gamma": gamma,
+        "tokens": local["tokens"],
+        "requests": remote["requests"],
+        "max_tokens": max_tokens,
+        "gamma": gamma,
         "torch_threads": threads,
     }

@@ -18,26 +18,39 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from distilray import corpus
-from distilray.config import BenchSpeculativeConfig, CorpusSpec, DistillDrafterConfig, FitNGramConfig, QuickstartConfig
+from distilray.actors.cluster import ensure_ray
+from distilray.config import (
+    BenchSpeculativeConfig,
+    CorpusSpec,
+    DistillDrafterConfig,
+    FitNGramConfig,
+    QuickstartConfig,
+    config_from,
+)
+from distilray.decoding.drafters import load_drafter
 from distilray.decoding.speculative import speculative_generate
-from distilray.eval.speculative_speed import scan_drafter, step_times, verify_cost
 from distilray.eval.plots import acceptance_vs_gamma
+from distilray.eval.speculative_speed import scan_drafter, step_times, verify_cost
 from distilray.io_utils import atomic_write_json, read_json
 from distilray.models.causal_lm import count_parameters, load_causal_lm
-from distilray.models.drafters import NEURAL_KINDS, load_drafter, load_drafter_network
+from distilray.models.drafters import NEURAL_KINDS, load_drafter_network
 from distilray.pipelines import distill_drafter, fit_ngram, train_lm, train_tokenizer
 from distilray.pipelines.quickstart import lm_config
-from distilray.pipelines.ray_runtime import ensure_ray
 from distilray.tokenizer import encode_documents, load_tokenizer
 
-GOALS = {"best_speedup": 2.0, "distilled_alpha_gain": 0.05, "measured_over_theoretical": 0.85, "hf_assisted.speedup_ours_over_hf": 1.3, "serve.ratio_vs_in_process": 0.8}
+GOALS = {
+    "best_speedup": 2.0,
+    "distilled_alpha_gain": 0.05,
+    "measured_over_theoretical": 0.85,
+    "hf_assisted.speedup_ours_over_hf": 1.3,
+    "serve.ratio_vs_in_process": 0.8,
+}
 NGRAM_ORDERS = (1, 2, 3, 4)
 
 
@@ -48,13 +61,25 @@ def prepare(cfg: BenchSpeculativeConfig) -> tuple[str, dict[str, dict[str, str]]
     tok_dir = train_tokenizer.get_or_train(q.corpus, q.vocab_size, q.artifacts_dir)
     target_dir = train_lm.run(lm_config(q, q.target_model, q.target_steps, tok_dir))["model_dir"]
     home = Path(cfg.artifacts_dir).resolve() / "bench_speculative"
-    base = DistillDrafterConfig(target=target_dir, corpus=q.corpus, steps=cfg.drafter_steps, artifacts_dir=cfg.artifacts_dir,
-                                pseudo_sequences=cfg.pseudo_sequences, sample_temperature=cfg.pseudo_temperature, seed=cfg.seed)
+    base = config_from(
+        DistillDrafterConfig,
+        target=target_dir,
+        corpus=q.corpus,
+        steps=cfg.drafter_steps,
+        artifacts_dir=cfg.artifacts_dir,
+        pseudo_sequences=cfg.pseudo_sequences,
+        sample_temperature=cfg.pseudo_temperature,
+        seed=cfg.seed,
+    )
     drafters: dict[str, dict[str, str]] = {}
     for kind in NEURAL_KINDS:
         drafters[kind] = {
-            "baseline": distill_drafter.run(dataclasses.replace(base, drafter=kind, loss="ce", data="corpus"))["drafter_dir"],
-            "distilled": distill_drafter.run(dataclasses.replace(base, drafter=kind, loss=cfg.distill_loss, data=cfg.distill_data))["drafter_dir"],
+            "baseline": distill_drafter.run(dataclasses.replace(base, drafter=kind, loss="ce", data="corpus"))[
+                "drafter_dir"
+            ],
+            "distilled": distill_drafter.run(
+                dataclasses.replace(base, drafter=kind, loss=cfg.distill_loss, data=cfg.distill_data)
+            )["drafter_dir"],
         }
     pseudo = distill_drafter.prepare_pseudo(dataclasses.replace(base, drafter="transformer", loss="ce", data="pseudo"))
     for n in NGRAM_ORDERS:
@@ -62,7 +87,9 @@ def prepare(cfg: BenchSpeculativeConfig) -> tuple[str, dict[str, dict[str, str]]
         for variant, source in (("baseline", ""), ("distilled", str(pseudo))):
             out = home / f"ngram{n}-{variant}"
             if not (out / "stats.json").is_file():
-                fit_ngram.run(FitNGramConfig(tokenizer=target_dir, corpus=q.corpus, n=n, pseudo_data=source, output_dir=str(out)))
+                fit_ngram.run(
+                    FitNGramConfig(tokenizer=target_dir, corpus=q.corpus, n=n, pseudo_data=source, output_dir=str(out))
+                )
             drafters[f"ngram{n}"][variant] = str(out)
     return target_dir, drafters
 
@@ -74,11 +101,16 @@ def held_out_prompts(cfg: BenchSpeculativeConfig, tokenizer) -> list[list[int]]:
     docs = encode_documents(tokenizer, corpus.load_splits(spec)["test"])
     prompts = [d[i : i + cfg.prompt_tokens] for d in docs for i in range(0, len(d) - step, step)]
     if len(prompts) < 2:
-        raise ValueError(f"the evaluation text yields {len(prompts)} prompts of {cfg.prompt_tokens}+{cfg.new_tokens} tokens; need at least 2")
+        raise ValueError(
+            f"the evaluation text yields {len(prompts)} prompts of {cfg.prompt_tokens}+{cfg.new_tokens} tokens; "
+            f"need at least 2"
+        )
     return prompts[: cfg.prompts]
 
 
-def measure_drafter(target, folder: str, prompts: list[list[int]], cfg: BenchSpeculativeConfig, verify: dict[int, float]) -> dict:
+def measure_drafter(
+    target, folder: str, prompts: list[list[int]], cfg: BenchSpeculativeConfig, verify: dict[int, float]
+) -> dict:
     drafter = load_drafter(folder)
     target_s, drafter_s = step_times(target, drafter, prompts[0])
     c = drafter_s / target_s
@@ -86,8 +118,15 @@ def measure_drafter(target, folder: str, prompts: list[list[int]], cfg: BenchSpe
     tune, _ = scan_drafter(target, drafter, prompts[:half], cfg.gammas, cfg.new_tokens, c)
     gamma = max(tune, key=lambda g: tune[g]["speedup_measured"])
     scan, identical = scan_drafter(target, drafter, prompts[half:], cfg.gammas, cfg.new_tokens, c, verify)
-    return {**scan[gamma], "gamma": gamma, "c": c, "target_step_ms": 1e3 * target_s, "drafter_step_ms": 1e3 * drafter_s,
-            "identical_to_plain": identical, "scan": {str(g): v for g, v in scan.items()}}
+    return {
+        **scan[gamma],
+        "gamma": gamma,
+        "c": c,
+        "target_step_ms": 1e3 * target_s,
+        "drafter_step_ms": 1e3 * drafter_s,
+        "identical_to_plain": identical,
+        "scan": {str(g): v for g, v in scan.items()},
+    }
 
 
 @torch.inference_mode()
@@ -104,14 +143,28 @@ def hf_assisted(target, drafter_dir: str, prompts: list[list[int]], cfg: BenchSp
     for prompt in prompts:
         ids = torch.tensor([prompt])
         t0 = time.perf_counter()
-        out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, do_sample=False,
-                              max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, eos_token_id=None, pad_token_id=0)
+        out = target.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            assistant_model=assistant,
+            do_sample=False,
+            max_new_tokens=cfg.new_tokens,
+            min_new_tokens=cfg.new_tokens,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         hf_s += time.perf_counter() - t0
         rec = speculative_generate(target, drafter, prompt, cfg.new_tokens, gamma=gamma)
         ours_s += rec.seconds
         tokens += len(rec.token_ids)
-        same &= out[0, len(prompt):].tolist() == rec.token_ids
-    return {"gamma": gamma, "tokens_per_s_ours": tokens / ours_s, "tokens_per_s_hf": tokens / hf_s, "speedup_ours_over_hf": hf_s / ours_s, "same_tokens": same}
+        same &= out[0, len(prompt) :].tolist() == rec.token_ids
+    return {
+        "gamma": gamma,
+        "tokens_per_s_ours": tokens / ours_s,
+        "tokens_per_s_hf": tokens / hf_s,
+        "speedup_ours_over_hf": hf_s / ours_s,
+        "same_tokens": same,
+    }
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -126,21 +179,39 @@ def run(cfg: BenchSpeculativeConfig) -> dict:
     verify = verify_cost(target, prompts[0], cfg.gammas)
     results: dict[str, dict] = {}
     for name, variants in drafters.items():
-        results[name] = {variant: measure_drafter(target, folder, prompts, cfg, verify) for variant, folder in variants.items()}
+        results[name] = {
+            variant: measure_drafter(target, folder, prompts, cfg, verify) for variant, folder in variants.items()
+        }
         for variant, folder in variants.items():
             results[name][variant]["folder"] = folder
             if name in NEURAL_KINDS:
                 results[name][variant]["train"] = read_json(Path(folder).parent / "result.json")["val"]
-    best_name, best_variant = max(((n, v) for n in results for v in results[n]), key=lambda nv: results[nv[0]][nv[1]]["speedup_measured"])
+    best_name, best_variant = max(
+        ((n, v) for n in results for v in results[n]), key=lambda nv: results[nv[0]][nv[1]]["speedup_measured"]
+    )
     best = results[best_name][best_variant]
-    eval_half = prompts[max(1, len(prompts) // 2):]
-    hf = hf_assisted(target, drafters["transformer"]["distilled"], eval_half, cfg, results["transformer"]["distilled"]["gamma"])
+    eval_half = prompts[max(1, len(prompts) // 2) :]
+    hf = hf_assisted(
+        target, drafters["transformer"]["distilled"], eval_half, cfg, results["transformer"]["distilled"]["gamma"]
+    )
     from distilray.bench.serve_speculative import serve_vs_in_process
 
-    serve = serve_vs_in_process(target_dir, drafters[best_name][best_variant], [tokenizer.decode(p) for p in eval_half], cfg.new_tokens, best["gamma"])
+    serve = serve_vs_in_process(
+        target_dir,
+        drafters[best_name][best_variant],
+        [tokenizer.decode(p) for p in eval_half],
+        cfg.new_tokens,
+        best["gamma"],
+    )
     home = Path(cfg.artifacts_dir).resolve() / "bench_speculative"
-    scan = {f"{n} ({v})": {int(g): s for g, s in results[n][v]["scan"].items()} for n in results for v in ("distilled",)}
-    plot = acceptance_vs_gamma(scan, home / "acceptance_vs_gamma.png", f"speculative decoding, target {count_parameters(target):,} params, greedy, held-out prompts")
+    scan = {
+        f"{n} ({v})": {int(g): s for g, s in results[n][v]["scan"].items()} for n in results for v in ("distilled",)
+    }
+    plot = acceptance_vs_gamma(
+        scan,
+        home / "acceptance_vs_gamma.png",
+        f"speculative decoding, target {count_parameters(target):,} params, greedy, held-out prompts",
+    )
     t5 = {}
     if cfg.include_t5:
         from distilray.bench.speculative_t5 import run_t5
@@ -148,22 +219,55 @@ def run(cfg: BenchSpeculativeConfig) -> dict:
         t5 = run_t5(cfg.artifacts_dir, seed=cfg.seed)
     # alpha depends a little on gamma in practice, so both variants are compared at one fixed gamma
     fixed = str(4 if 4 in cfg.gammas else cfg.gammas[-1])
-    gains = {k: results[k]["distilled"]["scan"][fixed]["alpha"] - results[k]["baseline"]["scan"][fixed]["alpha"] for k in NEURAL_KINDS}
+    gains = {
+        k: results[k]["distilled"]["scan"][fixed]["alpha"] - results[k]["baseline"]["scan"][fixed]["alpha"]
+        for k in NEURAL_KINDS
+    }
     goals = {
-        "best_speedup": {"value": best["speedup_measured"], "goal": GOALS["best_speedup"], "drafter": f"{best_name} ({best_variant})"},
-        "distilled_alpha_gain": {"value": min(gains.values()), "goal": GOALS["distilled_alpha_gain"], "per_kind": gains, "gamma": int(fixed)},
-        "measured_over_theoretical": {"value": best["speedup_measured"] / best["speedup_theoretical"], "goal": GOALS["measured_over_theoretical"],
-                                      "over_theoretical_with_verify_cost": best["speedup_measured"] / best["speedup_theoretical_verify_cost"]},
-        "hf_assisted.speedup_ours_over_hf": {"value": hf["speedup_ours_over_hf"], "goal": GOALS["hf_assisted.speedup_ours_over_hf"]},
-        "serve.ratio_vs_in_process": {"value": serve["ratio_vs_in_process"], "goal": GOALS["serve.ratio_vs_in_process"]},
+        "best_speedup": {
+            "value": best["speedup_measured"],
+            "goal": GOALS["best_speedup"],
+            "drafter": f"{best_name} ({best_variant})",
+        },
+        "distilled_alpha_gain": {
+            "value": min(gains.values()),
+            "goal": GOALS["distilled_alpha_gain"],
+            "per_kind": gains,
+            "gamma": int(fixed),
+        },
+        "measured_over_theoretical": {
+            "value": best["speedup_measured"] / best["speedup_theoretical"],
+            "goal": GOALS["measured_over_theoretical"],
+            "over_theoretical_with_verify_cost": best["speedup_measured"] / best["speedup_theoretical_verify_cost"],
+        },
+        "hf_assisted.speedup_ours_over_hf": {
+            "value": hf["speedup_ours_over_hf"],
+            "goal": GOALS["hf_assisted.speedup_ours_over_hf"],
+        },
+        "serve.ratio_vs_in_process": {
+            "value": serve["ratio_vs_in_process"],
+            "goal": GOALS["serve.ratio_vs_in_process"],
+        },
     }
     for g in goals.values():
         g["met"] = bool(g["value"] >= g["goal"])
     out = {
-        "target": {"model_dir": target_dir, "parameters": count_parameters(target), "verify_cost": {str(g): v for g, v in verify.items()}},
-        "prompts": len(prompts), "new_tokens": cfg.new_tokens, "threads": cfg.threads,
-        "drafters": results, "hf_assisted": hf, "serve": serve, "t5": t5, "goals": goals,
-        "plot": str(plot), "seconds": round(time.perf_counter() - started, 1), "config": dataclasses.asdict(cfg),
+        "target": {
+            "model_dir": target_dir,
+            "parameters": count_parameters(target),
+            "verify_cost": {str(g): v for g, v in verify.items()},
+        },
+        "prompts": len(prompts),
+        "new_tokens": cfg.new_tokens,
+        "threads": cfg.threads,
+        "drafters": results,
+        "hf_assisted": hf,
+        "serve": serve,
+        "t5": t5,
+        "goals": goals,
+        "plot": str(plot),
+        "seconds": round(time.perf_counter() - started, 1),
+        "config": dataclasses.asdict(cfg),
     }
     if cfg.json_out:
         atomic_write_json(cfg.json_out, out)
@@ -171,22 +275,44 @@ def run(cfg: BenchSpeculativeConfig) -> dict:
 
 
 def format_table(r: dict) -> str:
-    lines = [f"bench speculative: target {r['target']['parameters']:,} params, greedy, {r['prompts']} held-out prompts x {r['new_tokens']} tokens, {r['threads']} thread(s)",
-             f"{'drafter':<12}{'variant':<10}{'gamma':>6}{'alpha':>8}{'tau':>7}{'c':>8}{'S meas':>8}{'S theo':>8}{'S theo+v':>9}  same"]
+    lines = [
+        f"bench speculative: target {r['target']['parameters']:,} params, greedy, "
+        f"{r['prompts']} held-out prompts x {r['new_tokens']} tokens, {r['threads']} thread(s)",
+        f"{'drafter':<12}{'variant':<10}{'gamma':>6}{'alpha':>8}{'tau':>7}{'c':>8}{'S meas':>8}{'S theo':>8}"
+        f"{'S theo+v':>9}  same",
+    ]
     for name, variants in r["drafters"].items():
         for variant, d in variants.items():
-            lines.append(f"{name:<12}{variant:<10}{d['gamma']:>6}{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}{d['c']:>8.3f}"
-                         f"{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}{d['speedup_theoretical_verify_cost']:>9.2f}  {d['identical_to_plain']}")
+            lines.append(
+                f"{name:<12}{variant:<10}{d['gamma']:>6}{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}{d['c']:>8.3f}"
+                f"{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}"
+                f"{d['speedup_theoretical_verify_cost']:>9.2f}  {d['identical_to_plain']}"
+            )
     v = r["target"]["verify_cost"]
-    lines.append("verification pass over gamma+1 tokens / one-token step: " + ", ".join(f"gamma {g}: {x:.2f}x" for g, x in v.items()))
+    lines.append(
+        "verification pass over gamma+1 tokens / one-token step: "
+        + ", ".join(f"gamma {g}: {x:.2f}x" for g, x in v.items())
+    )
     gain = r["goals"]["distilled_alpha_gain"]
-    lines.append(f"distilled - baseline alpha at gamma {gain['gamma']}: " + ", ".join(f"{k} {x:+.3f}" for k, x in gain["per_kind"].items()))
+    lines.append(
+        f"distilled - baseline alpha at gamma {gain['gamma']}: "
+        + ", ".join(f"{k} {x:+.3f}" for k, x in gain["per_kind"].items())
+    )
     h, s = r["hf_assisted"], r["serve"]
-    lines.append(f"hf assisted (transformer distilled, gamma {h['gamma']}): ours {h['tokens_per_s_ours']:.0f} tok/s, hf {h['tokens_per_s_hf']:.0f} tok/s, same tokens {h['same_tokens']}")
-    lines.append(f"serve: {s['tokens_per_s_serve']:.0f} tok/s through the endpoint, {s['tokens_per_s_in_process']:.0f} in process")
+    lines.append(
+        f"hf assisted (transformer distilled, gamma {h['gamma']}): ours {h['tokens_per_s_ours']:.0f} tok/s, "
+        f"hf {h['tokens_per_s_hf']:.0f} tok/s, same tokens {h['same_tokens']}"
+    )
+    lines.append(
+        f"serve: {s['tokens_per_s_serve']:.0f} tok/s through the endpoint, "
+        f"{s['tokens_per_s_in_process']:.0f} in process"
+    )
     for name, t5 in (r.get("t5") or {}).get("drafters", {}).items():
         for variant, d in t5.items():
-            lines.append(f"t5 {name:<9}{variant:<10}{d.get('gamma', ''):>6}{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}{d['c']:>8.3f}{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}")
+            lines.append(
+                f"t5 {name:<9}{variant:<10}{d.get('gamma', ''):>6}{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}"
+                f"{d['c']:>8.3f}{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}"
+            )
     lines.append(f"{'goal':<36}{'value':>8}  target")
     for name, g in r["goals"].items():
         lines.append(f"{name:<36}{g['value']:>8.3f}  >= {g['goal']}  {'met' if g['met'] else 'NOT met'}")

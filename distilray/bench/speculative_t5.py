@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from distilray.config import TrainSeq2SeqConfig
-from distilray.decoding.drafter_api import HFSeq2SeqDrafter
+from distilray.config import TrainSeq2SeqConfig, config_from
+from distilray.decoding.drafters import HFSeq2SeqDrafter
 from distilray.decoding.seq2seq import decoder_forward, run_encoder
 from distilray.decoding.speculative import SpecRecord, plain_generate, speculative_generate, theoretical_speedup
 from distilray.io_utils import atomic_write_json, read_json
@@ -62,18 +62,35 @@ def run_t5(
     steps, model_dir, seconds_per_token, step_seconds, tokens, sample}.
     """
     t0 = time.perf_counter()
-    base = TrainSeq2SeqConfig(
-        model=target_model, steps=steps_target, vocab_size=vocab_size, max_source_tokens=max_source_tokens,
-        max_target_tokens=max_target_tokens, lr=lr, artifacts_dir=artifacts_dir, seed=seed,
-        checkpoint_every=max(steps_target, steps_drafter), warmup_steps=20,
+    base = config_from(
+        TrainSeq2SeqConfig,
+        model=target_model,
+        steps=steps_target,
+        vocab_size=vocab_size,
+        max_source_tokens=max_source_tokens,
+        max_target_tokens=max_target_tokens,
+        lr=lr,
+        artifacts_dir=artifacts_dir,
+        seed=seed,
+        checkpoint_every=max(steps_target, steps_drafter),
+        warmup_steps=20,
         cpus_per_worker=1,  # one thread: OpenMP threads of tiny matrices crawl when the CPU is shared
     )
     target_run = train_seq2seq.run(base)
-    drafter_cfg = dataclasses.replace(base, model=drafter_model, steps=steps_drafter, tokenizer=target_run["tokenizer_dir"])
+    drafter_cfg = dataclasses.replace(
+        base, model=drafter_model, steps=steps_drafter, tokenizer=target_run["tokenizer_dir"]
+    )
     drafter_runs = {
         "baseline": train_seq2seq.run(drafter_cfg),
-        "distilled": train_seq2seq.run(dataclasses.replace(
-            drafter_cfg, teacher=target_run["model_dir"], loss=kd_loss, temperature=kd_temperature, ce_weight=kd_ce_weight)),
+        "distilled": train_seq2seq.run(
+            dataclasses.replace(
+                drafter_cfg,
+                teacher=target_run["model_dir"],
+                loss=kd_loss,
+                temperature=kd_temperature,
+                ce_weight=kd_ce_weight,
+            )
+        ),
     }
     train_seconds = time.perf_counter() - t0
     threads = torch.get_num_threads()
@@ -83,13 +100,25 @@ def run_t5(
     finally:
         torch.set_num_threads(threads)
     results["target"].update(
-        model=target_model, parameters=target_run["parameters"], val_loss=target_run["val_loss"],
-        final_loss=target_run["final_loss"], steps=target_run["steps"], model_dir=target_run["model_dir"],
+        model=target_model,
+        parameters=target_run["parameters"],
+        val_loss=target_run["val_loss"],
+        final_loss=target_run["final_loss"],
+        steps=target_run["steps"],
+        model_dir=target_run["model_dir"],
     )
     results["settings"] = {
-        "seed": seed, "gamma": gamma, "max_new_tokens": max_new_tokens, "test_articles": test_articles,
-        "drafter_model": drafter_model, "steps_target": steps_target, "steps_drafter": steps_drafter,
-        "vocab_size": vocab_size, "max_source_tokens": max_source_tokens, "max_target_tokens": max_target_tokens, "lr": lr,
+        "seed": seed,
+        "gamma": gamma,
+        "max_new_tokens": max_new_tokens,
+        "test_articles": test_articles,
+        "drafter_model": drafter_model,
+        "steps_target": steps_target,
+        "steps_drafter": steps_drafter,
+        "vocab_size": vocab_size,
+        "max_source_tokens": max_source_tokens,
+        "max_target_tokens": max_target_tokens,
+        "lr": lr,
         "kd": {"loss": kd_loss, "temperature": kd_temperature, "ce_weight": kd_ce_weight},
         "cached": bool(target_run.get("cached") and all(r.get("cached") for r in drafter_runs.values())),
     }
@@ -97,38 +126,64 @@ def run_t5(
     return results
 
 
-def _evaluate(target_run: dict, drafter_runs: dict, base: TrainSeq2SeqConfig, test_articles: int, max_new_tokens: int,
-              gamma: int, max_source_tokens: int) -> dict:
+def _evaluate(
+    target_run: dict,
+    drafter_runs: dict,
+    base: TrainSeq2SeqConfig,
+    test_articles: int,
+    max_new_tokens: int,
+    gamma: int,
+    max_source_tokens: int,
+) -> dict:
     """Build the drafters (n-grams counted here) and measure every one against the target alone."""
     tokenizer = load_tokenizer(target_run["tokenizer_dir"])
     target = load_seq2seq_lm(target_run["model_dir"], device="cpu")
     start, eos = decoder_start_id(target), tokenizer.eos_token_id
-    splits = train_seq2seq.split_pairs(train_seq2seq.load_pairs(base.dataset), base.val_pairs, base.test_pairs, base.split_seed)
+    splits = train_seq2seq.split_pairs(
+        train_seq2seq.load_pairs(base.dataset), base.val_pairs, base.test_pairs, base.split_seed
+    )
     train_src, train_sum = train_seq2seq.encode_split(tokenizer, splits["train"], base)
     test_src = encode_truncated(tokenizer, [a for a, _ in splits["test"][:test_articles]], max_source_tokens)
 
-    pseudo = _pseudo_summaries(target, target_run["run_dir"], train_src, start, eos, tokenizer.pad_token_id, max_new_tokens)
+    pseudo = _pseudo_summaries(
+        target, target_run["run_dir"], train_src, start, eos, tokenizer.pad_token_id, max_new_tokens
+    )
     vocab = len(tokenizer)
     # family -> kind -> factory(source ids) -> Drafter; n-gram drafters are shared (start() resets them)
     drafters: dict[str, dict[str, Callable[[list[int]], object]]] = {}
     for n in NGRAM_ORDERS:
-        counted = {"baseline": NGramDrafter(n, vocab).fit([[start, *s] for s in train_sum]),
-                   "distilled": NGramDrafter(n, vocab).fit([[start, *s] for s in pseudo])}
+        counted = {
+            "baseline": NGramDrafter(n, vocab).fit([[start, *s] for s in train_sum]),
+            "distilled": NGramDrafter(n, vocab).fit([[start, *s] for s in pseudo]),
+        }
         drafters[f"ngram{n}"] = {k: (lambda src, d=d: d) for k, d in counted.items()}
     t5_models = {k: load_seq2seq_lm(r["model_dir"], device="cpu") for k, r in drafter_runs.items()}
     drafters["t5"] = {k: (lambda src, m=m: HFSeq2SeqDrafter(m, src)) for k, m in t5_models.items()}
 
     results = _measure(target, drafters, test_src, start, eos, max_new_tokens, gamma)
     first = plain_generate(target, [start], max_new_tokens, eos_token_id=eos, encoder_ids=test_src[0]).token_ids
-    results["target"]["sample"] = {"summary": tokenizer.decode(first, skip_special_tokens=True), "gold": splits["test"][0][1]}
+    results["target"]["sample"] = {
+        "summary": tokenizer.decode(first, skip_special_tokens=True),
+        "gold": splits["test"][0][1],
+    }
     for kind, run in drafter_runs.items():
-        results["drafters"]["t5"][kind].update(parameters=run["parameters"], val_loss=run["val_loss"], model_dir=run["model_dir"])
+        results["drafters"]["t5"][kind].update(
+            parameters=run["parameters"], val_loss=run["val_loss"], model_dir=run["model_dir"]
+        )
     return results
 
 
 @torch.inference_mode()
-def _pseudo_summaries(target, run_dir: str, sources: list[list[int]], start: int, eos: int, pad: int,
-                      max_new_tokens: int, batch_size: int = 50) -> list[list[int]]:
+def _pseudo_summaries(
+    target,
+    run_dir: str,
+    sources: list[list[int]],
+    start: int,
+    eos: int,
+    pad: int,
+    max_new_tokens: int,
+    batch_size: int = 50,
+) -> list[list[int]]:
     """The target's greedy summaries of `sources` (eos kept), batched, cached beside the target's run as JSON."""
     key = hashlib.sha256(json.dumps([sources, start, eos, max_new_tokens]).encode()).hexdigest()[:10]
     path = Path(run_dir) / f"pseudo_summaries-{key}.json"
@@ -138,8 +193,13 @@ def _pseudo_summaries(target, run_dir: str, sources: list[list[int]], start: int
     for i in range(0, len(sources), batch_size):
         src = pad_rows(sources[i : i + batch_size], pad)  # (B, S)
         generated = target.generate(
-            input_ids=src, attention_mask=(src != pad).long(), do_sample=False, max_new_tokens=max_new_tokens,
-            decoder_start_token_id=start, eos_token_id=eos, pad_token_id=pad,
+            input_ids=src,
+            attention_mask=(src != pad).long(),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            decoder_start_token_id=start,
+            eos_token_id=eos,
+            pad_token_id=pad,
         )[:, 1:]  # (B, <= max_new_tokens), start token dropped
         for row in generated.tolist():
             out.append(row[: row.index(eos) + 1] if eos in row else row)
@@ -147,7 +207,9 @@ def _pseudo_summaries(target, run_dir: str, sources: list[list[int]], start: int
     return out
 
 
-def _measure(target, drafters: dict, sources: list[list[int]], start: int, eos: int, max_new_tokens: int, gamma: int) -> dict:
+def _measure(
+    target, drafters: dict, sources: list[list[int]], start: int, eos: int, max_new_tokens: int, gamma: int
+) -> dict:
     """Plain and speculative greedy decoding of every source, interleaved so that load affects both alike."""
     plain_decode = lambda src: plain_generate(target, [start], max_new_tokens, eos_token_id=eos, encoder_ids=src)  # noqa: E731
     plain_decode(sources[0])  # warm-up: first-call allocations are nobody's cost
@@ -157,18 +219,30 @@ def _measure(target, drafters: dict, sources: list[list[int]], start: int, eos: 
     for src in sources:
         reference = plain_decode(src)
         plain.append(reference)
-        for (family, kind) in spec:
+        for family, kind in spec:
             drafter = drafters[family][kind](src)
-            record = speculative_generate(target, drafter, [start], max_new_tokens, gamma=gamma, eos_token_id=eos, encoder_ids=src)
+            record = speculative_generate(
+                target, drafter, [start], max_new_tokens, gamma=gamma, eos_token_id=eos, encoder_ids=src
+            )
             spec[(family, kind)].append(record)
             lossless[(family, kind)] &= record.token_ids == reference.token_ids
     plain_spt = sum(r.seconds for r in plain) / sum(len(r.token_ids) for r in plain)
     target_step = statistics.median([_target_step_seconds(target, src, start, max_new_tokens) for src in sources[:3]])
-    out: dict = {"target": {"seconds_per_token": plain_spt, "step_seconds": target_step, "tokens": sum(len(r.token_ids) for r in plain)},
-                 "drafters": {}}
+    out: dict = {
+        "target": {
+            "seconds_per_token": plain_spt,
+            "step_seconds": target_step,
+            "tokens": sum(len(r.token_ids) for r in plain),
+        },
+        "drafters": {},
+    }
     for (family, kind), records in spec.items():
-        step = statistics.median([_drafter_step_seconds(drafters[family][kind](src), start, max_new_tokens) for src in sources[:3]])
-        out["drafters"].setdefault(family, {})[kind] = _figures(records, plain_spt, step / target_step, gamma, lossless[(family, kind)])
+        step = statistics.median(
+            [_drafter_step_seconds(drafters[family][kind](src), start, max_new_tokens) for src in sources[:3]]
+        )
+        out["drafters"].setdefault(family, {})[kind] = _figures(
+            records, plain_spt, step / target_step, gamma, lossless[(family, kind)]
+        )
     return out
 
 
@@ -222,10 +296,16 @@ def format_t5_table(result: dict) -> str:
     """A plain-text table of run_t5's figures, one row per drafter and kind."""
     head = f"{'drafter':<8} {'kind':<10} {'alpha':>6} {'tau':>5} {'c':>6} {'S meas':>7} {'S theo':>7} same"
     t = result["target"]
-    lines = [f"T5 target {t.get('model')} ({t.get('parameters', 0) / 1e6:.1f}M params, val loss {t.get('val_loss', float('nan')):.3f}), "
-             f"gamma {result['settings']['gamma']}, {result['settings']['test_articles']} test articles", head]
+    lines = [
+        f"T5 target {t.get('model')} ({t.get('parameters', 0) / 1e6:.1f}M params, "
+        f"val loss {t.get('val_loss', float('nan')):.3f}), "
+        f"gamma {result['settings']['gamma']}, {result['settings']['test_articles']} test articles",
+        head,
+    ]
     for family, kinds in result["drafters"].items():
         for kind, f in kinds.items():
-            lines.append(f"{family:<8} {kind:<10} {f['alpha']:>6.3f} {f['mean_accepted_length']:>5.2f} {f['c']:>6.3f} "
-                         f"{f['speedup_measured']:>7.2f} {f['speedup_theoretical']:>7.2f} {f['identical_to_plain']}")
+            lines.append(
+                f"{family:<8} {kind:<10} {f['alpha']:>6.3f} {f['mean_accepted_length']:>5.2f} {f['c']:>6.3f} "
+                f"{f['speedup_measured']:>7.2f} {f['speedup_theoretical']:>7.2f} {f['identical_to_plain']}"
+            )
     return "\n".join(lines)

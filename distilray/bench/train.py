@@ -6,7 +6,6 @@ Goal: Ray Train with one worker at least 0.9x the bare loop.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import tempfile
@@ -15,11 +14,11 @@ import time
 import numpy as np
 import torch
 
+from distilray.actors.cluster import ensure_ray
 from distilray.config import BenchTrainConfig, CorpusSpec, TrainLMConfig, config_from, replace_keys
 from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import build_causal_lm, count_parameters
 from distilray.pipelines import train_lm, train_tokenizer
-from distilray.actors.cluster import ensure_ray
 from distilray.training import batch_rows, lm_loss, lr_at, make_optimizer
 
 GOAL_RATIO_1_WORKER = 0.9
@@ -96,9 +95,18 @@ def run(cfg: BenchTrainConfig) -> dict:
         for workers in cfg.worker_counts:
             print(f"[bench train] Ray Train, {workers} worker(s) ...", flush=True)
             # a fresh run folder each time: a cached model would measure nothing
-            run_cfg = replace_keys(base, num_workers=workers, cpus_per_worker=max(1, cpus // workers), artifacts_dir=tmp, name=f"bench-{workers}w")
+            run_cfg = replace_keys(
+                base,
+                num_workers=workers,
+                cpus_per_worker=max(1, cpus // workers),
+                artifacts_dir=tmp,
+                name=f"bench-{workers}w",
+            )
             res = train_lm.run(run_cfg, untimed_steps=cfg.warmup_steps)
-            results[f"ray_train_{workers}w"] = {"tokens_per_s": res["tokens_per_s"], "threads_per_worker": max(1, cpus // workers)}
+            results[f"ray_train_{workers}w"] = {
+                "tokens_per_s": res["tokens_per_s"],
+                "threads_per_worker": max(1, cpus // workers),
+            }
     print("[bench train] bare torch loop again (noise check) ...", flush=True)
     bare_after = _bare_in_fresh_process(base, blocks, tokenizer, cfg.warmup_steps, cpus)
     bare = (bare_before + bare_after) / 2
@@ -108,7 +116,11 @@ def run(cfg: BenchTrainConfig) -> dict:
         r["ratio_vs_bare"] = r["tokens_per_s"] / bare
     if 1 in cfg.worker_counts:
         ratio = results["ray_train_1w"]["ratio_vs_bare"]
-        results["goal"] = {"ray_train_1w_ratio_min": GOAL_RATIO_1_WORKER, "ratio": ratio, "met": bool(ratio >= GOAL_RATIO_1_WORKER)}
+        results["goal"] = {
+            "ray_train_1w_ratio_min": GOAL_RATIO_1_WORKER,
+            "ratio": ratio,
+            "met": bool(ratio >= GOAL_RATIO_1_WORKER),
+        }
     if cfg.json_out:
         atomic_write_json(cfg.json_out, results)
     return results
@@ -116,14 +128,21 @@ def run(cfg: BenchTrainConfig) -> dict:
 
 def format_table(results: dict) -> str:
     lines = [
-        f"bench train: {results['model']} ({results['parameters']:,} params), batch {results['global_batch']} x {results['seq_len']} tokens, {results['timed_steps']} timed steps, {results['cpus']} CPUs",
+        f"bench train: {results['model']} ({results['parameters']:,} params), "
+        f"batch {results['global_batch']} x {results['seq_len']} tokens, "
+        f"{results['timed_steps']} timed steps, {results['cpus']} CPUs",
         f"{'setting':<22}{'tokens/s':>12}{'vs bare':>10}",
         f"{'bare torch loop':<22}{results['bare_loop']['tokens_per_s']:>12.0f}{1.0:>10.2f}",
     ]
     for key, r in results.items():
         if key.startswith("ray_train_"):
-            lines.append(f"{'Ray Train ' + key.split('_')[-1]:<22}{r['tokens_per_s']:>12.0f}{r['ratio_vs_bare']:>10.2f}")
+            lines.append(
+                f"{'Ray Train ' + key.split('_')[-1]:<22}{r['tokens_per_s']:>12.0f}{r['ratio_vs_bare']:>10.2f}"
+            )
     if "goal" in results:
         g = results["goal"]
-        lines.append(f"goal: Ray Train 1 worker >= {g['ray_train_1w_ratio_min']}x bare: {'met' if g['met'] else 'NOT met'} ({g['ratio']:.2f}x)")
+        lines.append(
+            f"goal: Ray Train 1 worker >= {g['ray_train_1w_ratio_min']}x bare: "
+            f"{'met' if g['met'] else 'NOT met'} ({g['ratio']:.2f}x)"
+        )
     return "\n".join(lines)

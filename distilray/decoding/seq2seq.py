@@ -6,7 +6,7 @@ and its cache is an `EncoderDecoderCache`: the self-attention half grows with th
 and is what `crop` shortens on a rollback; the cross-attention half (keys and values of the
 encoder states) is computed on the first decoder pass and never changes.
 
-Plain torch: the target wrapper in `speculative` and `HFSeq2SeqDrafter` both build on these.
+Plain torch: `cached_model.CachedModel` (the target and the HF drafters) builds on these.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def check_encoder_ids(model, encoder_ids: list[int] | None, who: str = "target")
     """Encoder ids are required by an encoder-decoder model and refused by a decoder-only one."""
     if is_encoder_decoder(model):
         if encoder_ids is None:
-            raise DistilrayError(f"the {who} is an encoder-decoder model: pass encoder_ids (the source text's token ids)")
+            raise DistilrayError(
+                f"the {who} is an encoder-decoder model: pass encoder_ids (the source text's token ids)"
+            )
         if len(encoder_ids) == 0:
             raise DistilrayError("encoder_ids is empty: the encoder needs at least one token")
         vocab = int(model.get_input_embeddings().num_embeddings)
@@ -32,7 +34,9 @@ def check_encoder_ids(model, encoder_ids: list[int] | None, who: str = "target")
         if bad:
             raise DistilrayError(f"encoder token id {bad[0]} is outside the model's vocabulary of {vocab}")
     elif encoder_ids is not None:
-        raise DistilrayError(f"encoder_ids were given but the {who} is a decoder-only (causal) model; put the text in the prompt")
+        raise DistilrayError(
+            f"encoder_ids were given but the {who} is a decoder-only (causal) model; put the text in the prompt"
+        )
 
 
 @torch.inference_mode()
@@ -43,6 +47,13 @@ def run_encoder(model, encoder_ids: list[int]):
     return model.get_encoder()(input_ids=ids)
 
 
-def decoder_forward(model, encoder_outputs, decoder_ids: torch.Tensor, cache):
-    """Decoder tokens (1, n) after the cached ones -> model output (logits (1, n, V), past_key_values)."""
-    return model(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids, past_key_values=cache, use_cache=True)
+def decoder_forward(model, encoder_outputs, decoder_ids: torch.Tensor, cache, output_hidden_states: bool = False):
+    """Decoder tokens (1, n) after the cached ones -> model output (logits (1, n, V), past_key_values,
+    and decoder_hidden_states when asked for)."""
+    return model(
+        encoder_outputs=encoder_outputs,
+        decoder_input_ids=decoder_ids,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=output_hidden_states,
+    )

@@ -27,8 +27,9 @@ def acceptance_per_position(p_logits: torch.Tensor, q_logits: torch.Tensor, temp
 
 
 @torch.no_grad()
-def drafter_agreement(target, drafter_logits_fn, stream: np.ndarray, seq_len: int, max_tokens: int = 20_000,
-                      batch_size: int = 8) -> dict[str, float]:
+def drafter_agreement(
+    target, drafter_logits_fn, stream: np.ndarray, seq_len: int, max_tokens: int = 20_000, batch_size: int = 8
+) -> dict[str, float]:
     """Teacher-forced agreement of a drafter with its target on a token stream # (T,).
 
     drafter_logits_fn: input_ids (B, T) -> logits (B, T, V). Returns alpha at temperature 0 (argmax
@@ -50,7 +51,9 @@ def drafter_agreement(target, drafter_logits_fn, stream: np.ndarray, seq_len: in
         sums["alpha_greedy"] += float(acceptance_per_position(p, q, 0.0).sum())
         sums["alpha_t1"] += float(acceptance_per_position(p, q, 1.0).sum())
         y = labels[i : i + batch_size].to(device)
-        sums["nll"] += float(torch.nn.functional.cross_entropy(q.reshape(-1, q.shape[-1]), y.reshape(-1), reduction="sum"))
+        sums["nll"] += float(
+            torch.nn.functional.cross_entropy(q.reshape(-1, q.shape[-1]), y.reshape(-1), reduction="sum")
+        )
     count = n * seq_len
     return {
         "alpha_greedy": sums["alpha_greedy"] / count,

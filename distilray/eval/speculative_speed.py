@@ -9,6 +9,9 @@ import time
 
 import torch
 
+from distilray.decoding.cached_model import crop_cache
+from distilray.decoding.drafter_api import as_drafter
+from distilray.decoding.sampling import Sampler, SamplingParams
 from distilray.decoding.speculative import plain_generate, speculative_generate, theoretical_speedup
 
 
@@ -23,11 +26,11 @@ def step_times(target, drafter, prompt: list[int], steps: int = 48) -> tuple[flo
         out = target(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
         t_times.append(time.perf_counter() - t0)
         cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+    drafter, greedy = as_drafter(drafter), Sampler(SamplingParams(max_new_tokens=steps))
     drafter.start(list(prompt))
     for _ in range(steps):
         t0 = time.perf_counter()
-        d = int(drafter.next_logits().argmax())
-        drafter.push([d])
+        drafter.propose(1, greedy)  # one greedy draft, pushed onto the state as in the loop
         d_times.append(time.perf_counter() - t0)
     return float(torch.tensor(t_times).median()), float(torch.tensor(d_times).median())
 
@@ -46,9 +49,10 @@ def verify_cost(target, prompt: list[int], gammas: tuple[int, ...], repeats: int
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            target(input_ids=torch.tensor([prompt[-n:] if n <= len(prompt) else [prompt[-1]] * n]), past_key_values=cache, use_cache=True)
+            ids = torch.tensor([prompt[-n:] if n <= len(prompt) else [prompt[-1]] * n])
+            target(input_ids=ids, past_key_values=cache, use_cache=True)
             times.append(time.perf_counter() - t0)
-            cache.crop(-n)  # drop what this pass appended (a negative count, transformers 5.x)
+            crop_cache(cache, len(prompt))  # drop what this pass appended
         return float(torch.tensor(times).median())
 
     one = median_pass(1)
@@ -68,8 +72,15 @@ def _totals(records) -> dict:
     }
 
 
-def scan_drafter(target, drafter, prompts: list[list[int]], gammas: tuple[int, ...], new_tokens: int, c: float,
-                 verify: dict[int, float] | None = None) -> tuple[dict[int, dict], bool]:
+def scan_drafter(
+    target,
+    drafter,
+    prompts: list[list[int]],
+    gammas: tuple[int, ...],
+    new_tokens: int,
+    c: float,
+    verify: dict[int, float] | None = None,
+) -> tuple[dict[int, dict], bool]:
     """Per gamma: figures over `prompts`, each prompt decoded plainly and then speculatively (alternating, so
     drifts in machine load hit both sides alike). Also whether every output equalled plain greedy decoding."""
     plain, spec = [], {g: [] for g in gammas}
@@ -92,5 +103,6 @@ def scan_drafter(target, drafter, prompts: list[list[int]], gammas: tuple[int, .
             "speedup_theoretical": theoretical_speedup(min(max(alpha, 0.0), 1.0), g, c),
         }
         if verify:  # the same formula with the verification pass priced as measured: E / (gamma c + v)
-            out[g]["speedup_theoretical_verify_cost"] = out[g]["speedup_theoretical"] * (g * c + 1) / (g * c + verify[g])
+            theory = out[g]["speedup_theoretical"]
+            out[g]["speedup_theoretical_verify_cost"] = theory * (g * c + 1) / (g * c + verify[g])
     return out, identical

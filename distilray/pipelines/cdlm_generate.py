@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 from distilray import corpus
+from distilray.actors.cluster import ensure_ray
 from distilray.actors.datastore import DatastoreRouter
 from distilray.config import CDLMGenerateConfig
 from distilray.decoding.retrieval import chunk_hit_rate, fps, mean_chunk_length, retrieval_generate
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import load_causal_lm
-from distilray.pipelines.ray_runtime import ensure_ray
 from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
 
 
@@ -50,8 +50,15 @@ def run(cfg: CDLMGenerateConfig) -> dict:
     try:
         for i, prompt in enumerate(prompts):
             rec = retrieval_generate(
-                model, prompt, cfg.max_new_tokens, router, mode=mode, similarity_threshold=cfg.similarity_threshold,
-                temperature=cfg.temperature, seed=cfg.seed + i, eos_token_id=tokenizer.eos_token_id,
+                model,
+                prompt,
+                cfg.max_new_tokens,
+                router,
+                mode=mode,
+                similarity_threshold=cfg.similarity_threshold,
+                temperature=cfg.temperature,
+                seed=cfg.seed + i,
+                eos_token_id=tokenizer.eos_token_id,
             )
             atomic_write_json(save / f"prompt_{i}.json", rec.to_json(tokenizer))
             records.append(rec)

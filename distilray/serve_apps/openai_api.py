@@ -1,10 +1,9 @@
-"""The OpenAI completions-shape request/response/error helpers shared by the Serve apps
-(serve_apps/retrieval.py, serve_apps/speculative.py): builder-argument parsing with environment
-fallbacks, the common request fields and their checks, the error body, the FastAPI app with its error
-handlers, and the completion, health, models and stats bodies.
+"""The OpenAI completions-shape plumbing shared by the Serve apps (serve_apps/retrieval.py,
+serve_apps/speculative.py): builder-argument parsing with environment fallbacks, request validation
+into the types of serve_apps/schemas.py, the error body, the FastAPI app with its error handlers, and
+the completion, health, models and stats bodies.
 
-No `from __future__ import annotations`: the apps' request bodies subclass `CompletionFields`, and
-FastAPI reads annotations at runtime (see serve_apps/retrieval.py).
+No `from __future__ import annotations`: FastAPI reads annotations at runtime (see serve_apps/retrieval.py).
 """
 
 import math
@@ -21,8 +20,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distilray.errors import DistilrayError
+from distilray.serve_apps.schemas import Completion, GenerationFailure
 
 Args = TypeVar("Args", bound=BaseModel)
+Body = TypeVar("Body", bound=BaseModel)
+UNQUOTED_ERRORS = ("missing", "json_invalid", "extra_forbidden")  # messages that need no "got <input>"
 
 
 def parse_app_args(model: type[Args], args: dict[str, Any] | None, env: dict[str, str], app: str) -> Args:
@@ -35,8 +37,9 @@ def parse_app_args(model: type[Args], args: dict[str, Any] | None, env: dict[str
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {_arg_problem(e, env)}"
-                             for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {_arg_problem(e, env)}" for e in exc.errors()
+        )
         raise DistilrayError(f"bad {app} app arguments: {problems}") from None
 
 
@@ -49,62 +52,20 @@ def _arg_problem(error: Any, env: dict[str, str]) -> str:
     return error["msg"]
 
 
-# -- requests ----------------------------------------------------------------------------------------
-
-
-class CompletionFields(BaseModel):
-    """The fields an OpenAI completions request starts with. An app's request subclasses this and adds
-    its own after them; pydantic validates (and the 400 names the first error) in field order."""
-
-    model: str | None = None  # accepted and echoed: each app serves one model
-    prompt: str
-    max_tokens: int = 16
-    temperature: float = 0.0
-
-
 def error_response(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:
     """The OpenAI error body: {"error": {"message", "type", "param", "code"}}; the type defaults to
     invalid_request_error below 500, server_error from 500 on."""
     kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
-
-
-Check = tuple[bool, str, str]  # (failed, message, param): one request check, evaluated up front
-
-
-def first_failed(*checks: Check) -> JSONResponse | None:
-    """The 400 naming the first failed check's param, else None."""
-    return next((error_response(400, message, param) for failed, message, param in checks if failed), None)
-
-
-def budget_checks(req: CompletionFields, max_tokens_limit: int) -> list[Check]:
-    """A non-empty prompt, max_tokens within [0, max_tokens_limit]."""
-    return [(not req.prompt, "prompt must be a non-empty string", "prompt"),
-            (req.max_tokens < 0, f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens"),
-            (req.max_tokens > max_tokens_limit,
-             f"max_tokens must be <= {max_tokens_limit} on this server, got {req.max_tokens}", "max_tokens")]
-
-
-def temperature_check(temperature: float) -> Check:
-    return (not (math.isfinite(temperature) and temperature >= 0),
-            f"temperature must be a finite number >= 0, got {temperature}", "temperature")
-
-
-def seed_check(seed: int | None) -> Check:
-    return seed is not None and not -(2**63) <= seed < 2**64, f"seed must fit in 64 bits, got {seed}", "seed"
-
-
-def single_choice_checks(n: int, stream: bool) -> list[Check]:
-    """What these apps do not serve: several choices, streaming."""
-    return [(n != 1, "only n=1 is supported", "n"), (stream, "streaming is not supported", "stream")]
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": None}}
+    )
 
 
 # -- the FastAPI app ---------------------------------------------------------------------------------
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    """(message, param) of the first validation error: the field, what is wrong, and the value sent."""
     if not errors:
         return "invalid request", None
     first = errors[0]
@@ -112,11 +73,32 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg')}", None
     field = ".".join(loc) or None
-    return (f"{field}: {first.get('msg')}" if field else str(first.get("msg"))), field
+    message = str(first.get("msg"))
+    value = first.get("input")
+    # pydantic's own messages say what was expected; the value sent makes the 400 self-explaining
+    if first.get("type") in UNQUOTED_ERRORS or isinstance(value, dict) or repr(value) in message:
+        detail = message
+    else:
+        detail = f"{message}, got {value!r}"
+    return (f"{field}: {detail}" if field else detail), field
+
+
+def validate_request(model: type[Body], body: Any, args: BaseModel) -> Body | JSONResponse:
+    """`body` (parsed JSON) validated into `model` against this app's `args`, or the 400 naming the field."""
+    try:
+        return model.model_validate(body, context={"args": args})
+    except ValidationError as exc:
+        message, param = _validation_message(exc.errors())
+        return error_response(400, message, param)
+
+
+def request_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` documenting a route's JSON body as `model` (the route validates it itself)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    message, param = _validation_message(exc)
+    message, param = _validation_message(list(exc.errors()))
     return error_response(400, message, param)
 
 
@@ -139,26 +121,32 @@ def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no NaN
 
 
-async def completion(generate: Callable[[], Awaitable[dict[str, Any]]], model: str,
-                     start: float | None = None) -> Any:
+async def completion(
+    generate: Callable[[], Awaitable[Completion | GenerationFailure]], model: str, start: float | None = None
+) -> Any:
     """Await the target's generate call and answer in the OpenAI completion shape, its stats as the
-    `distilray` block (plus `request_seconds` since `start` when given). A generate output
-    {"error", "status" (default 400)} becomes that error; a failed call, a 500."""
+    `distilray` block (plus `request_seconds` since `start` when given). A GenerationFailure becomes
+    that error; a failed call, a 500."""
     try:
         out = await generate()
     except Exception as exc:  # replica crash, timeout: this request fails, the service goes on
         return error_response(500, f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-    if "error" in out:
-        return error_response(out.get("status", 400), out["error"])
-    stats = out["stats"] if start is None else {**out["stats"], "request_seconds": time.perf_counter() - start}
+    if isinstance(out, GenerationFailure):
+        return error_response(out.status, out.message)
+    stats = out.stats.model_dump()
+    if start is not None:
+        stats["request_seconds"] = time.perf_counter() - start
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]}],
-        "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                  "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
+        "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}],
+        "usage": {
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+        },
         "distilray": stats,
     }
 

@@ -9,7 +9,9 @@ Three deployments:
   synchronous call to the router deployment (`handle.query.remote(...).result()`).
 - `CompletionsIngress` (FastAPI) serves `POST /v1/completions` in the OpenAI completions shape plus a
   `distilray` block of decoding statistics, `GET /healthz`, `GET /v1/models` and
-  `GET /v1/datastore/stats`. Bad requests get HTTP 400 with an OpenAI-style JSON error body.
+  `GET /v1/datastore/stats`. Requests are validated into `RetrievalRequest` (serve_apps/schemas.py); bad
+  ones get HTTP 400 with an OpenAI-style JSON error body. The target gets typed parameters
+  (`SamplingParams`, `RetrievalParams`) and answers a `Completion` or a `GenerationFailure`.
 
 Run it:
 
@@ -25,33 +27,29 @@ taken for a query parameter.
 """
 
 import asyncio
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from fastapi import Body
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from distilray.actors.datastore import DatastoreRouter
-from distilray.cdlm.datastore_files import read_manifest, shard_of
-from distilray.decoding.retrieval import MODES, retrieval_generate
+from distilray.cdlm.datastore_files import read_manifest
+from distilray.cdlm.local import QueryResult, merge_shard_answers
+from distilray.decoding.retrieval import RetrievalParams, retrieval_decode
+from distilray.decoding.sampling import SamplingParams
 from distilray.errors import DistilrayError
-from distilray.serve_apps.openai_api import (
-    CompletionFields,
-    budget_checks,
-    completion,
-    first_failed,
-    health,
-    make_api,
-    model_card,
-    or_unavailable,
-    parse_app_args,
-    seed_check,
-    single_choice_checks,
-    temperature_check,
+from distilray.serve_apps import openai_api
+from distilray.serve_apps.schemas import (
+    Completion,
+    GenerationFailure,
+    RetrievalAppArgs,
+    RetrievalRequest,
+    RetrievalStats,
 )
 
 ENV_MODEL = "DISTILRAY_MODEL"
@@ -59,34 +57,12 @@ ENV_DATASTORE = "DISTILRAY_DATASTORE"
 LOOKUP_TIMEOUT_S = 60.0  # one datastore round trip; a shard restarting from disk fits well inside
 
 
-class RetrievalAppArgs(BaseModel):
-    """Arguments of `build_app` (`serve run ... key=value` or `args:` in serve_config.yaml)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str  # HF causal LM: local save_pretrained folder (with its tokenizer) or hub name
-    datastore: str  # folder holding datastore.json and the shard files
-    default_mode: str = "paper"  # paper | verify | baseline, when a request names none
-    similarity_threshold: float = 0.5  # default cosine threshold for a chunk to be used
-    max_tokens_limit: int = 512  # largest max_tokens a request may ask for
-    num_cpus: float = 1  # CPUs of the target replica (torch threads = max(1, int(num_cpus)))
-    num_gpus: float = 0  # GPUs of the target replica (bf16 on a GPU)
-
-
 def parse_args(args: dict[str, Any] | RetrievalAppArgs | None) -> RetrievalAppArgs:
     """Validate builder args; `model`/`datastore` default to $DISTILRAY_MODEL/$DISTILRAY_DATASTORE."""
     if isinstance(args, RetrievalAppArgs):
         return args
-    parsed = parse_app_args(RetrievalAppArgs, args, {"model": ENV_MODEL, "datastore": ENV_DATASTORE}, "retrieval")
-    if parsed.default_mode not in MODES:
-        raise DistilrayError(f"default_mode must be one of {', '.join(MODES)}, got {parsed.default_mode!r}")
-    if not -1.0 <= parsed.similarity_threshold <= 1.0:
-        raise DistilrayError(f"similarity_threshold must lie in [-1, 1], got {parsed.similarity_threshold}")
-    if parsed.max_tokens_limit < 1:
-        raise DistilrayError(f"max_tokens_limit must be >= 1, got {parsed.max_tokens_limit}")
-    if parsed.num_cpus < 0 or parsed.num_gpus < 0:
-        raise DistilrayError("num_cpus and num_gpus must be >= 0")
-    return parsed
+    env = {"model": ENV_MODEL, "datastore": ENV_DATASTORE}
+    return openai_api.parse_app_args(RetrievalAppArgs, args, env, "retrieval")
 
 
 def check_datastore_tokenizer(datastore: str, tokenizer) -> str:
@@ -107,51 +83,40 @@ def check_datastore_tokenizer(datastore: str, tokenizer) -> str:
 
 
 # No access log: this deployment is called once per decoding step, a log line per token would flood.
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
-                  logging_config={"enable_access_log": False})
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, logging_config={"enable_access_log": False}
+)
 class DatastoreRouterDeployment:
     """The sharded datastore behind one handle: a DatastoreRouter over one actor per shard file."""
 
     def __init__(self, datastore: str, tokenizer_fingerprint: str | None = None) -> None:
         self._router = DatastoreRouter.open(datastore, tokenizer_fingerprint)
-        self._shards = self._router.handles()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="datastore-stats")  # blocking stats()
         self._calls = self._queries = 0
         self._seconds = 0.0
 
-    async def query(self, entries: np.ndarray, queries: np.ndarray) -> list:
+    async def query(self, entries: np.ndarray, queries: np.ndarray) -> list[QueryResult]:
         """entries (b,) ints, queries (b, d) floats -> per query (chunk token ids | None, cosine).
 
-        The same routing as DatastoreRouter.query_batch, awaited on the replica's event loop instead of
-        a blocking ray.get in a thread: one hop fewer on the per-step path.
+        DatastoreRouter's scatter and merge, awaited on the replica's event loop instead of a blocking
+        ray.get in a thread: one hop fewer on the per-step path.
         """
         start = time.perf_counter()
-        router = self._router
-        entries, queries = router.check_queries(entries, queries)
-        b = entries.shape[0]
-        if b == 0:
-            return []
-        owner = shard_of(entries, router.num_shards)
-        if b == 1:  # the decoding loop's case: one shard, no scatter
-            out = await self._shards[int(owner[0])].query.remote(entries, queries)
-        else:
-            parts = [(idx, self._shards[s].query.remote(entries[idx], queries[idx]))
-                     for s in np.unique(owner).tolist() for idx in [np.flatnonzero(owner == s)]]
-            answers = await asyncio.gather(*(ref for _, ref in parts))
-            out = [(None, float("-inf"))] * b
-            for (idx, _), answer in zip(parts, answers):
-                for i, result in zip(idx.tolist(), answer):
-                    out[i] = result
+        size, batches, refs = self._router.scatter(entries, queries)
+        out = merge_shard_answers(size, batches, await asyncio.gather(*refs))
         self._calls += 1  # the event loop is single-threaded: no lock needed
-        self._queries += b
+        self._queries += size
         self._seconds += time.perf_counter() - start
         return out
 
     async def stats(self) -> dict[str, Any]:
         """DatastoreRouter.stats() (manifest figures, per-shard counters) plus this replica's counters."""
         out = await asyncio.get_running_loop().run_in_executor(self._pool, self._router.stats)
-        out["router"] = {"calls": self._calls, "queries": self._queries,
-                         "mean_call_ms": 1000 * self._seconds / self._calls if self._calls else None}
+        out["router"] = {
+            "calls": self._calls,
+            "queries": self._queries,
+            "mean_call_ms": 1000 * self._seconds / self._calls if self._calls else None,
+        }
         out["manifest"] = {k: v for k, v in self._router.manifest.items() if k not in ("shards", "keys_per_shard")}
         return out
 
@@ -183,86 +148,74 @@ class TargetDeployment:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
     async def info(self) -> dict[str, Any]:
-        return {"model": self._name, "context": self._context, "tokenizer_fingerprint": self._fingerprint,
-                "device": str(next(self._model.parameters()).device)}
+        return {
+            "model": self._name,
+            "context": self._context,
+            "tokenizer_fingerprint": self._fingerprint,
+            "device": str(next(self._model.parameters()).device),
+        }
 
-    def _generate(self, prompt: str, max_tokens: int, mode: str, threshold: float,
-                  temperature: float, seed: int) -> dict[str, Any]:
+    def _generate(self, prompt: str, sampling: SamplingParams, method: RetrievalParams) -> Completion:
         prompt_ids = list(self._tokenizer(prompt)["input_ids"])
         if not prompt_ids:
             raise DistilrayError("the prompt is empty after tokenisation")
-        if len(prompt_ids) + max_tokens > self._context:
-            raise DistilrayError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                                 f"the model's context of {self._context} tokens")
+        if len(prompt_ids) + sampling.max_new_tokens > self._context:
+            raise DistilrayError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_new_tokens}) "
+                f"exceeds the model's context of {self._context} tokens"
+            )
         lookups, lookup_seconds = 0, 0.0
 
         def lookup(entry: int, hidden: np.ndarray):
             nonlocal lookups, lookup_seconds
             start = time.perf_counter()
             chunk, similarity = self._router.query.remote(
-                np.array([entry], dtype=np.int64), hidden.reshape(1, -1)).result(timeout_s=LOOKUP_TIMEOUT_S)[0]
+                np.array([entry], dtype=np.int64), hidden.reshape(1, -1)
+            ).result(timeout_s=LOOKUP_TIMEOUT_S)[0]
             lookups += 1
             lookup_seconds += time.perf_counter() - start
             return None if chunk is None else (tuple(chunk), float(similarity))
 
         eos = self._tokenizer.eos_token_id
-        record = retrieval_generate(self._model, prompt_ids, max_tokens, lookup, mode=mode,
-                                    similarity_threshold=threshold, temperature=temperature, seed=seed,
-                                    eos_token_id=eos)
+        record = retrieval_decode(
+            self._model, prompt_ids, lookup, dataclasses.replace(sampling, eos_token_id=eos), method
+        )
         stopped = eos is not None and bool(record.token_ids) and record.token_ids[-1] == eos
-        return {
-            "text": self._tokenizer.decode(record.token_ids, skip_special_tokens=True),
-            "finish_reason": "stop" if stopped else "length",
-            "prompt_tokens": len(prompt_ids),
-            "completion_tokens": len(record.token_ids),
-            "stats": {"mode": record.mode, "chunks_used": record.chunks_used,
-                      "forward_passes": record.forward_passes, "tokens_from_chunks": sum(record.from_chunk),
-                      "steps": record.steps, "lookups": lookups, "lookup_seconds": lookup_seconds,
-                      "seconds": record.seconds},
-        }
+        stats = RetrievalStats(
+            mode=record.mode,
+            chunks_used=record.chunks_used,
+            forward_passes=record.forward_passes,
+            tokens_from_chunks=sum(record.from_chunk),
+            steps=record.steps,
+            lookups=lookups,
+            lookup_seconds=lookup_seconds,
+            seconds=record.seconds,
+        )
+        return Completion(
+            text=self._tokenizer.decode(record.token_ids, skip_special_tokens=True),
+            finish_reason="stop" if stopped else "length",
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(record.token_ids),
+            stats=stats,
+        )
 
-    async def generate(self, prompt: str, max_tokens: int, mode: str, similarity_threshold: float,
-                       temperature: float, seed: int) -> dict[str, Any]:
-        """One completion; expected failures come back as {"error": message} (the ingress answers 400)."""
+    async def generate(
+        self, prompt: str, sampling: SamplingParams, method: RetrievalParams
+    ) -> Completion | GenerationFailure:
+        """One completion, or the failure the ingress answers with a 400."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, self._generate, prompt, max_tokens, mode,
-                                              similarity_threshold, temperature, seed)
+            return await loop.run_in_executor(self._pool, self._generate, prompt, sampling, method)
         except DistilrayError as exc:
-            return {"error": str(exc)}
+            return GenerationFailure(message=str(exc))
 
 
 # -- HTTP ingress ----------------------------------------------------------------------------------
 
 
-class CompletionRequest(CompletionFields):
-    """OpenAI completions request; `mode` and `similarity_threshold` are distilray's own fields."""
-
-    max_tokens: int = 50
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    mode: str | None = None
-    similarity_threshold: float | None = None
-
-
-api = make_api(title="distilray CD-LM retrieval", description="OpenAI-style completions with chunk retrieval")
-
-
-def check_request(req: CompletionRequest, defaults: RetrievalAppArgs) -> tuple[str, float] | JSONResponse:
-    """(mode, threshold) for a valid request, else the 400 response naming the bad field."""
-    mode = req.mode if req.mode is not None else defaults.default_mode
-    threshold = req.similarity_threshold if req.similarity_threshold is not None else defaults.similarity_threshold
-    bad = first_failed(
-        *budget_checks(req, defaults.max_tokens_limit),
-        (mode not in MODES, f"unknown mode {mode!r}; modes: {', '.join(MODES)}", "mode"),
-        (not -1.0 <= threshold <= 1.0,  # also rejects NaN
-         f"similarity_threshold must lie in [-1, 1], got {threshold}", "similarity_threshold"),
-        temperature_check(req.temperature),
-        seed_check(req.seed),
-        *single_choice_checks(req.n, req.stream),
-    )
-    return (mode, float(threshold)) if bad is None else bad
+api = openai_api.make_api(
+    title="distilray CD-LM retrieval", description="OpenAI-style completions with chunk retrieval"
+)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -275,27 +228,27 @@ class CompletionsIngress:
         self._router = router
         self._args = RetrievalAppArgs.model_validate(args)
 
-    @api.post("/v1/completions")
-    async def completions(self, req: CompletionRequest) -> Any:
-        checked = check_request(req, self._args)
-        if isinstance(checked, JSONResponse):
-            return checked
-        mode, threshold = checked
-        return await completion(lambda: self._target.generate.remote(
-            req.prompt, req.max_tokens, mode, threshold, float(req.temperature), int(req.seed or 0)),
-            req.model or self._args.model)
+    @api.post("/v1/completions", openapi_extra=openai_api.request_schema(RetrievalRequest))
+    async def completions(self, body: Any = Body(...)) -> Any:
+        req = openai_api.validate_request(RetrievalRequest, body, self._args)
+        if not isinstance(req, RetrievalRequest):
+            return req  # the 400
+        return await openai_api.completion(
+            lambda: self._target.generate.remote(req.prompt, req.sampling(seed=0), req.method(self._args)),
+            req.model or self._args.model,
+        )
 
     @api.get("/healthz")
     async def healthz(self) -> Any:
-        return await health(self._target.info.remote, datastore=self._args.datastore)
+        return await openai_api.health(self._target.info.remote, datastore=self._args.datastore)
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(self._args.model)]}
+        return {"object": "list", "data": [openai_api.model_card(self._args.model)]}
 
     @api.get("/v1/datastore/stats")
     async def datastore_stats(self) -> Any:
-        return await or_unavailable(self._router.stats.remote, "datastore unavailable")
+        return await openai_api.or_unavailable(self._router.stats.remote, "datastore unavailable")
 
 
 def build_app(args: dict) -> serve.Application:

@@ -12,7 +12,9 @@ Deployments:
   `propose` call (or `plain_generate` for drafter "none"). The target's KV cache never leaves it.
 - `CompletionsIngress` (FastAPI): `POST /v1/completions` (OpenAI shape, plus `gamma`, `drafter`,
   `adaptive_gamma`; the response adds a `distilray` block), `GET /healthz`, `GET /v1/models`,
-  `GET /v1/stats`. Bad requests get HTTP 400 with an OpenAI-style JSON error body.
+  `GET /v1/stats`. Requests are validated into `SpeculativeRequest` (serve_apps/schemas.py); bad ones get
+  HTTP 400 with an OpenAI-style JSON error body. The ingress hands the target typed parameters
+  (`SamplingParams`, `SpeculativeParams`) and gets a `Completion` or `GenerationFailure` back.
 
 What the composition costs is measured per request: `drafter_round_trips`, `round_trip_seconds`
 (wall time the target waited on the drafter), `drafter_seconds` (compute inside the drafter) and
@@ -28,36 +30,31 @@ resolve postponed ones inside a Serve ingress class (see serve_apps/retrieval.py
 """
 
 import asyncio
-import json
-import re
+import dataclasses
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, field_validator
+from fastapi import Body
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from distilray.decoding.speculative import MAX_GAMMA, plain_generate, speculative_generate
+from distilray.decoding.sampling import SamplingParams
+from distilray.decoding.speculative import SpeculativeParams, plain_decode, speculative_decode
 from distilray.errors import DistilrayError
-from distilray.serve_apps.openai_api import (
-    CompletionFields,
-    budget_checks,
-    completion,
-    finite_or_none,
-    first_failed,
-    health,
-    make_api,
-    model_card,
-    or_unavailable,
-    parse_app_args,
-    seed_check,
-    single_choice_checks,
-    temperature_check,
+from distilray.serve_apps import openai_api
+from distilray.serve_apps.openai_api import finite_or_none
+from distilray.serve_apps.schemas import (
+    NO_DRAFTER,
+    Completion,
+    DrafterChannel,
+    GenerationFailure,
+    SpeculativeAppArgs,
+    SpeculativeRequest,
+    SpeculativeStats,
 )
 from distilray.serve_apps.speculative_drafter import (
     STEP_TIMEOUT_S,
@@ -69,64 +66,15 @@ from distilray.serve_apps.speculative_drafter import (
 
 ENV_TARGET = "DISTILRAY_TARGET"
 ENV_DRAFTERS = "DISTILRAY_DRAFTERS"
-NO_DRAFTER = "none"
-ADAPTIVE_GAMMA_MAX = 8  # upper bound of adaptive gamma unless the request's gamma is larger
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # drafter names become deployment names
 METRICS = ("requests", "drafted_tokens", "accepted_tokens", "target_passes", "generated_tokens")
-
-
-class SpeculativeAppArgs(BaseModel):
-    """Arguments of `build_app` (`serve run ... key=value` or `args:` in serve_config.yaml)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    target: str  # HF causal LM: save_pretrained folder with its tokenizer, or a hub name
-    drafters: dict[str, str] = {}  # drafter name (chosen per request) -> saved drafter folder
-    default_drafter: str | None = None  # when a request names none; default: the first drafter, else "none"
-    default_gamma: int = 4
-    max_tokens_limit: int = 512  # largest max_tokens a request may ask for
-    max_sessions: int = 256  # drafter sessions kept per drafter replica (least recently used evicted)
-    num_cpus: float = 1  # CPUs of the target replica (torch threads = max(1, int(num_cpus)))
-    num_gpus: float = 0
-    # 0: a drafter and its target take turns (the target waits while the drafter drafts)
-    drafter_num_cpus: float = 0
-    drafter_num_gpus: float = 0
-    # auto: a loopback socket to a drafter replica on the target's node, Serve handle calls otherwise;
-    # serve: always the latter (slower per step)
-    drafter_transport: Literal["auto", "serve"] = "auto"
-
-    @field_validator("drafters", mode="before")
-    @classmethod
-    def _json_drafters(cls, value: Any) -> Any:
-        # `serve run ... drafters={"a": "path"}` and $DISTILRAY_DRAFTERS hand over a JSON string
-        if isinstance(value, str):
-            try:
-                return json.loads(value) if value.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not a JSON object of name -> folder: {exc}") from None
-        return value
 
 
 def parse_args(args: dict[str, Any] | SpeculativeAppArgs | None) -> SpeculativeAppArgs:
     """Validate builder args; `target`/`drafters` default to $DISTILRAY_TARGET/$DISTILRAY_DRAFTERS."""
     if isinstance(args, SpeculativeAppArgs):
         return args
-    parsed = parse_app_args(SpeculativeAppArgs, args, {"target": ENV_TARGET, "drafters": ENV_DRAFTERS}, "speculative")
-    for name in parsed.drafters:
-        if name == NO_DRAFTER or not NAME.match(name):
-            raise DistilrayError(f"drafter name {name!r} must match {NAME.pattern} and not be {NO_DRAFTER!r}")
-    if parsed.default_drafter is None:
-        parsed.default_drafter = next(iter(parsed.drafters), NO_DRAFTER)
-    if parsed.default_drafter != NO_DRAFTER and parsed.default_drafter not in parsed.drafters:
-        raise DistilrayError(f"default_drafter {parsed.default_drafter!r} is not one of the drafters "
-                             f"({', '.join(parsed.drafters) or 'none configured'}) nor {NO_DRAFTER!r}")
-    if not 1 <= parsed.default_gamma <= MAX_GAMMA:
-        raise DistilrayError(f"default_gamma must lie in [1, {MAX_GAMMA}], got {parsed.default_gamma}")
-    if parsed.max_tokens_limit < 1 or parsed.max_sessions < 1:
-        raise DistilrayError("max_tokens_limit and max_sessions must be >= 1")
-    if min(parsed.num_cpus, parsed.num_gpus, parsed.drafter_num_cpus, parsed.drafter_num_gpus) < 0:
-        raise DistilrayError("num_cpus, num_gpus, drafter_num_cpus and drafter_num_gpus must be >= 0")
-    return parsed
+    env = {"target": ENV_TARGET, "drafters": ENV_DRAFTERS}
+    return openai_api.parse_app_args(SpeculativeAppArgs, args, env, "speculative")
 
 
 def check_vocabularies(args: SpeculativeAppArgs) -> int:
@@ -148,8 +96,10 @@ def check_vocabularies(args: SpeculativeAppArgs) -> int:
         drafter_kind(folder)  # a clear error for a missing or foreign folder
         theirs = read_json(Path(folder) / "config.json").get("vocab_size")
         if theirs != vocab:
-            raise DistilrayError(f"drafter {name!r} ({folder}) proposes over {theirs} tokens but the target "
-                                 f"{args.target!r} has {vocab}: a drafter must use the target's tokenizer")
+            raise DistilrayError(
+                f"drafter {name!r} ({folder}) proposes over {theirs} tokens but the target "
+                f"{args.target!r} has {vocab}: a drafter must use the target's tokenizer"
+            )
         if any(Path(folder).glob("tokenizer*")):
             tokenizer = tokenizer or load_tokenizer(args.target)
             check_same_tokenizer(tokenizer, load_tokenizer(folder), f"drafter {name!r} and target")
@@ -163,8 +113,14 @@ def check_vocabularies(args: SpeculativeAppArgs) -> int:
 class TargetDeployment:
     """The target LM: tokenises, decodes one request at a time (speculative or plain), detokenises."""
 
-    def __init__(self, target: str, drafters: dict[str, DeploymentHandle], num_threads: int = 1,
-                 device: str = "cpu", transport: str = "auto") -> None:
+    def __init__(
+        self,
+        target: str,
+        drafters: dict[str, DeploymentHandle],
+        num_threads: int = 1,
+        device: str = "cpu",
+        transport: str = "auto",
+    ) -> None:
         import ray
         from ray.serve import metrics
 
@@ -178,40 +134,54 @@ class TargetDeployment:
         self._context, self._vocab = max_context(self._model), model_vocab_size(self._model)
         self._name, self._drafters = target, drafters
         self._transport, self._node_id = transport, ray.get_runtime_context().get_node_id()
-        self._connections: dict[str, dict[str, Any]] = {}  # drafter name -> DrafterDeployment.connect()
+        self._connections: dict[str, DrafterChannel] = {}  # drafter name -> DrafterDeployment.connect()
         # drafter name -> (transport, step, end), used by the generate thread only
         self._calls: dict[str, tuple[str, Any, Any]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")  # blocks on drafter calls
-        self._metrics = {key: metrics.Counter(f"distilray_spec_{key}", tag_keys=("drafter",),
-                                              description=f"speculative decoding: {key.replace('_', ' ')}")
-                         for key in METRICS}
+        self._metrics = {
+            key: metrics.Counter(
+                f"distilray_spec_{key}",
+                tag_keys=("drafter",),
+                description=f"speculative decoding: {key.replace('_', ' ')}",
+            )
+            for key in METRICS
+        }
         self._totals: dict[str, dict[str, int]] = {}
 
     async def info(self) -> dict[str, Any]:
-        return {"target": self._name, "context": self._context, "vocab_size": self._vocab,
-                "device": str(next(self._model.parameters()).device), "drafters": list(self._drafters)}
+        return {
+            "target": self._name,
+            "context": self._context,
+            "vocab_size": self._vocab,
+            "device": str(next(self._model.parameters()).device),
+            "drafters": list(self._drafters),
+        }
 
     async def totals(self) -> dict[str, dict[str, int]]:
         return self._totals
 
-    async def generate(self, prompt: str, max_tokens: int, drafter: str, gamma: int, temperature: float,
-                       top_p: float, seed: int, adaptive_gamma: bool, stop: list[str]) -> dict[str, Any]:
-        """One completion; failures come back as {"error": message, "status": 400 | 500}."""
+    async def generate(
+        self, prompt: str, sampling: SamplingParams, method: SpeculativeParams, drafter: str, stop: list[str]
+    ) -> Completion | GenerationFailure:
+        """One completion, or the failure to answer with (400: the request, 500: the deployment)."""
         if drafter != NO_DRAFTER and drafter not in self._connections:
             # first use: Serve calls for the drafter's vocabulary and channel; this replica sticks to them
             handle = self._drafters[drafter]
             info, connection = await asyncio.gather(handle.info.remote(), handle.connect.remote())
             if int(info["vocab_size"]) != self._vocab:
-                return {"status": 500, "error": f"drafter {drafter!r} proposes over {info['vocab_size']} tokens "
-                        f"but the target has {self._vocab}: a drafter must use the target's tokenizer"}
+                return GenerationFailure(
+                    status=500,
+                    message=f"drafter {drafter!r} proposes over {info['vocab_size']} "
+                    f"tokens but the target has {self._vocab}: a drafter must use the target's "
+                    "tokenizer",
+                )
             self._connections[drafter] = connection
         loop = asyncio.get_running_loop()
         try:
-            out = await loop.run_in_executor(self._pool, self._generate, prompt, max_tokens, drafter,
-                                             gamma, temperature, top_p, seed, adaptive_gamma, stop)
+            out = await loop.run_in_executor(self._pool, self._generate, prompt, sampling, method, drafter, stop)
         except DistilrayError as exc:
-            return {"status": 400, "error": str(exc)}
-        self._count(drafter, out["stats"])
+            return GenerationFailure(message=str(exc))
+        self._count(drafter, out.stats)
         return out
 
     def _drafter_calls(self, drafter: str, fresh: bool = False) -> tuple[str, Any, Any]:
@@ -221,54 +191,70 @@ class TargetDeployment:
         if fresh or drafter not in self._calls:
             conn = self._connections[drafter]
             calls = None
-            if self._transport == "auto" and conn["node_id"] == self._node_id:
+            if self._transport == "auto" and conn.node_id == self._node_id:
                 try:
-                    calls = ("socket", *socket_calls(conn["port"], conn["token"]))
+                    calls = ("socket", *socket_calls(conn.port, conn.token))
                 except OSError:  # e.g. another network namespace: the Serve path still works
                     calls = None
             self._calls[drafter] = calls or ("serve", *serve_calls(self._drafters[drafter]))
         return self._calls[drafter]
 
-    def _generate(self, prompt: str, max_tokens: int, drafter: str, gamma: int,
-                  temperature: float, top_p: float, seed: int, adaptive_gamma: bool,
-                  stop: list[str]) -> dict[str, Any]:
+    def _generate(
+        self, prompt: str, sampling: SamplingParams, method: SpeculativeParams, drafter: str, stop: list[str]
+    ) -> Completion:
         from distilray.models.causal_lm import check_prompt
 
         prompt_ids = [int(t) for t in self._tokenizer(prompt)["input_ids"]]
-        check_prompt(self._model, prompt_ids, max_tokens)  # before any drafter session is opened
+        check_prompt(self._model, prompt_ids, sampling.max_new_tokens)  # before any drafter session is opened
         eos = self._tokenizer.eos_token_id
+        sampling = dataclasses.replace(sampling, eos_token_id=eos)
         proxy = None
         if drafter == NO_DRAFTER:
-            record = plain_generate(self._model, prompt_ids, max_tokens, temperature=temperature, top_p=top_p,
-                                    seed=seed, eos_token_id=eos)
+            record = plain_decode(self._model, prompt_ids, sampling)
         else:
             transport, step, end = self._drafter_calls(drafter)
             proxy = RemoteDrafter(step, end, self._vocab, reconnect=lambda: self._drafter_calls(drafter, True)[1:])
             try:
-                record = speculative_generate(self._model, proxy, prompt_ids, max_tokens, gamma=gamma,
-                                              temperature=temperature, top_p=top_p, seed=seed, eos_token_id=eos,
-                                              adaptive_gamma=adaptive_gamma, gamma_max=max(gamma, ADAPTIVE_GAMMA_MAX))
+                record = speculative_decode(self._model, proxy, prompt_ids, sampling, method)
             finally:
                 proxy.close()
         ids = record.token_ids
         text, n_tokens, stopped = self._cut_at_stop(ids, stop)
         stopped = stopped or (eos is not None and bool(ids) and ids[-1] == eos)
-        a, d, r, v = record.accepted, record.drafted, record.rejections, record.target_passes
-        stats = {
-            "drafter": drafter, "gamma": None if proxy is None else gamma, "adaptive_gamma": adaptive_gamma,
-            "drafted": d, "accepted": a, "rejections": r, "target_passes": v, "generated_tokens": len(ids),
-            "mean_accepted_length": finite_or_none(record.mean_accepted_length),
-            "alpha": finite_or_none(record.alpha), "draft_acceptance_rate": a / d if d else None,
-            "seconds": record.seconds, "tokens_per_s": len(ids) / record.seconds if record.seconds > 0 else None,
-            "drafter_round_trips": proxy.round_trips if proxy else 0,
-            "round_trip_seconds": proxy.round_trip_seconds if proxy else 0.0,
-            "drafter_seconds": proxy.drafter_seconds if proxy else 0.0,
-            "composition_seconds": proxy.round_trip_seconds - proxy.drafter_seconds if proxy else 0.0,
-            "session_restarts": proxy.restarts if proxy else 0,
-            "drafter_transport": transport if proxy else None,
-        }
-        return {"text": text, "finish_reason": "stop" if stopped else "length", "prompt_tokens": len(prompt_ids),
-                "completion_tokens": n_tokens, "stats": stats}
+        a, d = record.accepted, record.drafted
+        stats = SpeculativeStats(
+            drafter=drafter,
+            gamma=None if proxy is None else method.gamma,
+            adaptive_gamma=method.adaptive_gamma,
+            drafted=d,
+            accepted=a,
+            rejections=record.rejections,
+            target_passes=record.target_passes,
+            generated_tokens=len(ids),
+            mean_accepted_length=finite_or_none(record.mean_accepted_length),
+            alpha=finite_or_none(record.alpha),
+            draft_acceptance_rate=a / d if d else None,
+            seconds=record.seconds,
+            tokens_per_s=len(ids) / record.seconds if record.seconds > 0 else None,
+        )
+        if proxy is not None:
+            stats = stats.model_copy(
+                update=dict(
+                    drafter_round_trips=proxy.round_trips,
+                    round_trip_seconds=proxy.round_trip_seconds,
+                    drafter_seconds=proxy.drafter_seconds,
+                    composition_seconds=proxy.round_trip_seconds - proxy.drafter_seconds,
+                    session_restarts=proxy.restarts,
+                    drafter_transport=transport,
+                )
+            )
+        return Completion(
+            text=text,
+            finish_reason="stop" if stopped else "length",
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=n_tokens,
+            stats=stats,
+        )
 
     def _cut_at_stop(self, ids: list[int], stop: list[str]) -> tuple[str, int, bool]:
         """(text, its token count, stopped): the text ends before the first stop string (OpenAI `stop`).
@@ -284,9 +270,14 @@ class TargetDeployment:
         n = next(i for i in range(len(ids) + 1) if len(decode(ids[:i], skip_special_tokens=True)) >= cut)
         return text[:cut], n, True
 
-    def _count(self, drafter: str, stats: dict[str, Any]) -> None:
-        values = {"requests": 1, "drafted_tokens": stats["drafted"], "accepted_tokens": stats["accepted"],
-                  "target_passes": stats["target_passes"], "generated_tokens": stats["generated_tokens"]}
+    def _count(self, drafter: str, stats: SpeculativeStats) -> None:
+        values = {
+            "requests": 1,
+            "drafted_tokens": stats.drafted,
+            "accepted_tokens": stats.accepted,
+            "target_passes": stats.target_passes,
+            "generated_tokens": stats.generated_tokens,
+        }
         mine = self._totals.setdefault(drafter, dict.fromkeys(METRICS, 0))
         for key, value in values.items():
             mine[key] += value
@@ -297,39 +288,7 @@ class TargetDeployment:
 # -- HTTP ingress ------------------------------------------------------------------------------------
 
 
-class CompletionRequest(CompletionFields):
-    """OpenAI completions request; `gamma`, `drafter` and `adaptive_gamma` are distilray's own fields."""
-
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
-    gamma: int | None = None
-    drafter: str | None = None
-    adaptive_gamma: bool = False
-
-
-api = make_api(title="distilray speculative decoding", description="OpenAI-style completions with drafters")
-
-
-def check_request(req: CompletionRequest, args: SpeculativeAppArgs) -> tuple[str, int, list[str]] | JSONResponse:
-    """(drafter, gamma, stop strings) for a valid request, else the 400 response naming the bad field."""
-    drafter = req.drafter if req.drafter is not None else args.default_drafter
-    gamma = req.gamma if req.gamma is not None else args.default_gamma
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    bad = first_failed(
-        *budget_checks(req, args.max_tokens_limit),
-        (drafter != NO_DRAFTER and drafter not in args.drafters,
-         f"unknown drafter {drafter!r}; drafters: {', '.join([*args.drafters, NO_DRAFTER])}", "drafter"),
-        (not 1 <= gamma <= MAX_GAMMA, f"gamma must lie in [1, {MAX_GAMMA}], got {gamma}", "gamma"),
-        temperature_check(req.temperature),
-        (not 0.0 <= req.top_p <= 1.0, f"top_p must lie in [0, 1], got {req.top_p}", "top_p"),  # also rejects NaN
-        seed_check(req.seed),
-        (len(stop) > 4 or not all(stop), "stop takes at most 4 non-empty strings", "stop"),
-        *single_choice_checks(req.n, req.stream),
-    )
-    return (drafter, gamma, stop) if bad is None else bad
+api = openai_api.make_api(title="distilray speculative decoding", description="OpenAI-style completions with drafters")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -341,36 +300,42 @@ class CompletionsIngress:
         self._target, self._drafters = target, drafters
         self._args = SpeculativeAppArgs.model_validate(args)
 
-    @api.post("/v1/completions")
-    async def completions(self, req: CompletionRequest) -> Any:
+    @api.post("/v1/completions", openapi_extra=openai_api.request_schema(SpeculativeRequest))
+    async def completions(self, body: Any = Body(...)) -> Any:
         start = time.perf_counter()
-        checked = check_request(req, self._args)
-        if isinstance(checked, JSONResponse):
-            return checked
-        drafter, gamma, stop = checked
-        seed = req.seed if req.seed is not None else secrets.randbits(63)  # unseeded sampling varies
-        return await completion(lambda: self._target.generate.remote(
-            req.prompt, req.max_tokens, drafter, gamma, float(req.temperature), float(req.top_p), seed,
-            req.adaptive_gamma, stop), req.model or self._args.target, start)
+        req = openai_api.validate_request(SpeculativeRequest, body, self._args)
+        if not isinstance(req, SpeculativeRequest):
+            return req  # the 400
+        sampling = req.sampling(seed=secrets.randbits(63))  # unseeded sampling varies
+        return await openai_api.completion(
+            lambda: self._target.generate.remote(
+                req.prompt, sampling, req.method(self._args), req.drafter_name(self._args), req.stop
+            ),
+            req.model or self._args.target,
+            start,
+        )
 
     @api.get("/healthz")
     async def healthz(self) -> Any:
-        return await health(self._target.info.remote)
+        return await openai_api.health(self._target.info.remote)
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        rows = [model_card(self._args.target, role="target")]
-        rows += [model_card(name, role="drafter", folder=folder) for name, folder in self._args.drafters.items()]
+        rows = [openai_api.model_card(self._args.target, role="target")]
+        rows += [
+            openai_api.model_card(name, role="drafter", folder=folder) for name, folder in self._args.drafters.items()
+        ]
         return {"object": "list", "data": rows}
 
     @api.get("/v1/stats")
     async def stats(self) -> Any:
         """Totals per drafter (one target replica's view) and each drafter replica's session figures."""
+
         async def gather() -> dict[str, Any]:
             drafters = await asyncio.gather(*(h.info.remote() for h in self._drafters.values()))
             return {"totals": await self._target.totals.remote(), "drafters": dict(zip(self._drafters, drafters))}
 
-        return await or_unavailable(gather, "stats unavailable")
+        return await openai_api.or_unavailable(gather, "stats unavailable")
 
 
 def build_app(args: dict) -> serve.Application:
@@ -382,14 +347,24 @@ def build_app(args: dict) -> serve.Application:
         name: DrafterDeployment.options(
             name=f"Drafter-{name}",
             ray_actor_options={"num_cpus": parsed.drafter_num_cpus, "num_gpus": parsed.drafter_num_gpus},
-        ).bind(name, folder, parsed.max_sessions, max(1, int(parsed.drafter_num_cpus)),
-               "cuda" if parsed.drafter_num_gpus > 0 else "cpu")
+        ).bind(
+            name,
+            folder,
+            parsed.max_sessions,
+            max(1, int(parsed.drafter_num_cpus)),
+            "cuda" if parsed.drafter_num_gpus > 0 else "cpu",
+        )
         for name, folder in parsed.drafters.items()
     }
     target = TargetDeployment.options(
         ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus}
-    ).bind(parsed.target, drafters, max(1, int(parsed.num_cpus)), "cuda" if parsed.num_gpus > 0 else "cpu",
-           parsed.drafter_transport)
+    ).bind(
+        parsed.target,
+        drafters,
+        max(1, int(parsed.num_cpus)),
+        "cuda" if parsed.num_gpus > 0 else "cpu",
+        parsed.drafter_transport,
+    )
     return CompletionsIngress.bind(target, drafters, parsed.model_dump())
 
 

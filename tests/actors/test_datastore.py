@@ -29,11 +29,20 @@ def datastore(tmp_path_factory):
     chunks = [tuple(int(t) for t in rng.integers(0, 500, size=rng.integers(1, 6))) for _ in range(150)]
     chunk_ids = rng.integers(0, len(chunks), size=n)
     folder = tmp_path_factory.mktemp("ds") / "store"
-    write_datastore(folder, entry_tokens=entry, keys=keys, chunk_ids=chunk_ids, chunks=chunks,
-                    num_shards=2, tokenizer_fingerprint="fp-1", provenance={"model_gen": "test"})
+    write_datastore(
+        folder,
+        entry_tokens=entry,
+        keys=keys,
+        chunk_ids=chunk_ids,
+        chunks=chunks,
+        num_shards=2,
+        tokenizer_fingerprint="fp-1",
+        provenance={"model_gen": "test"},
+    )
     # The same rows in one in-process shard; float16 like the files so similarities agree.
-    oracle = ShardIndex(ShardData.from_rows(entry_tokens=entry, keys=keys, chunk_ids=chunk_ids, chunks=chunks),
-                        faiss_min_rows=40)
+    oracle = ShardIndex(
+        ShardData.from_rows(entry_tokens=entry, keys=keys, chunk_ids=chunk_ids, chunks=chunks), faiss_min_rows=40
+    )
     return folder, oracle
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from distilray.bench import cdlm as bench_cdlm
 from distilray.config import BenchCDLMConfig
 from distilray.models.causal_lm import build_causal_lm
-from distilray.bench import cdlm as bench_cdlm
 
 pytestmark = pytest.mark.ray
 
@@ -29,12 +29,30 @@ def test_ecd_injects_facts_the_model_never_saw(small_tokenizer, tmp_path):
 
 def test_goals_table_reports_misses():
     fake = {
-        "generator": "g", "generator_parameters": 1,
+        "generator": "g",
+        "generator_parameters": 1,
         "scd": {"fps": 0.1, "tts": -0.5, "rouge_l_vs_baseline": 0.9, "colocated": {"tts": 0.0, "fps": 0.1}},
         "verify": {"identical_to_baseline": True, "fps": 0.3},
-        "extract": {"ratio_vs_bare": 0.9}, "datastore": {"p99_ms": 2.0, "p50_ms": 1.0, "keys": 10},
-        "ecd": {"facts": 2, "exact.base_accuracy": 0.0, "exact.cdlm_accuracy": 1.0, "paraphrase.base_accuracy": 0.0, "paraphrase.cdlm_accuracy": 0.5},
-        "kcd": {"d": {"reduction": 0.4, "ppl_base": 10.0, "ppl_cdlm": 6.0, "q_func": "map05_09", "mauve_baseline": 0.5, "mauve_paper": 0.6, "mauve_texts": 4}},
+        "extract": {"ratio_vs_bare": 0.9},
+        "datastore": {"p99_ms": 2.0, "p50_ms": 1.0, "keys": 10},
+        "ecd": {
+            "facts": 2,
+            "exact.base_accuracy": 0.0,
+            "exact.cdlm_accuracy": 1.0,
+            "paraphrase.base_accuracy": 0.0,
+            "paraphrase.cdlm_accuracy": 0.5,
+        },
+        "kcd": {
+            "d": {
+                "reduction": 0.4,
+                "ppl_base": 10.0,
+                "ppl_cdlm": 6.0,
+                "q_func": "map05_09",
+                "mauve_baseline": 0.5,
+                "mauve_paper": 0.6,
+                "mauve_texts": 4,
+            }
+        },
     }
     fake["goals"] = bench_cdlm._goals(fake)
     assert fake["goals"]["scd.fps"]["met"] is False and fake["goals"]["verify.fps"]["met"] is True

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from distilray.decoding.chunk_drafter import ChunkDrafter
 from distilray.decoding.retrieval import (
     GenerationRecord,
     chunk_hit_rate,
@@ -14,6 +15,8 @@ from distilray.decoding.retrieval import (
     retrieval_generate,
     tts,
 )
+from distilray.decoding.sampling import Sampler, SamplingParams
+from distilray.decoding.speculative import MAX_GAMMA, plain_generate, speculative_generate
 from distilray.errors import DistilrayError
 
 PROMPTS = [
@@ -26,27 +29,14 @@ CHUNK_LEN = 6
 
 
 @pytest.fixture(scope="module")
-def lm():
+def lm(pydoc_tokenizer, tiny_lm, one_thread):
     """A tiny GPT-2 with a fixed random init, weights scaled by 5: its greedy continuations are varied
     (not one repeated token) and its top-2 logit gaps are far above float32 rounding, so token-for-token
-    comparisons between decoders are meaningful and stable."""
-    from pydoc_data.topics import topics
-
-    from distilray.models.causal_lm import build_causal_lm
-    from distilray.tokenizer import train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(list(topics.values()), vocab_size=400)
-    torch.manual_seed(0)
-    model = build_causal_lm("tiny", tok).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.mul_(5.0)
-    prompts = [tok(p)["input_ids"] for p in PROMPTS]
-    # one intra-op thread: on a busy 2-core machine, OpenMP barriers make tiny forwards ~50x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield model, tok, prompts
-    torch.set_num_threads(threads)
+    comparisons between decoders are meaningful and stable. One intra-op thread: on a busy 2-core
+    machine, OpenMP barriers make tiny forwards ~50x slower."""
+    tok = pydoc_tokenizer(None, 400)
+    model = tiny_lm(tok, 0, 5.0)
+    return model, tok, [tok(p)["input_ids"] for p in PROMPTS]
 
 
 def greedy_no_cache(model, prompt: list[int], n: int) -> list[int]:
@@ -256,3 +246,52 @@ def test_bad_inputs_are_clear_errors(lm):
         retrieval_generate(model, prompts[0], 5, lambda t, h: ((10**6,), 1.0), mode="verify")
     with pytest.raises(DistilrayError, match="no generated tokens"):
         fps([])
+
+
+def test_chunk_drafter_proposes_the_chunk_after_the_pending_token():
+    """The lookup key lags the state by one token (the target has not fed the last one): a chunk is
+    drafted only when it starts with that last token, and then from its second token on."""
+    calls = []
+    found = {"chunk": (3, 7, 8, 9), "similarity": 0.9}
+
+    def lookup(token: int, hidden: np.ndarray):
+        calls.append((token, hidden.shape))
+        return found["chunk"], found["similarity"]
+
+    drafter = ChunkDrafter(lookup, similarity_threshold=0.5, vocab_size=20)
+    sampler = Sampler(SamplingParams(8))
+    hidden = torch.zeros(4)
+    drafter.start([1, 2, 3])
+    assert drafter.propose(4, sampler, None).tokens == [] and not calls  # nothing fed yet: no lookup
+    draft = drafter.propose(2, sampler, hidden)
+    assert draft.tokens == [7, 8] and draft.probs is None  # a point mass, capped at gamma
+    assert calls == [(2, (4,))] and drafter.length() == 5 and drafter.chunks_used == 1
+    drafter.rollback(3)
+    found["chunk"] = (4, 7, 8)  # continues another token than the pending 3
+    assert drafter.propose(4, sampler, hidden).tokens == []
+    found["chunk"], found["similarity"] = (3, 7), 0.4  # below the threshold
+    assert drafter.propose(4, sampler, hidden).tokens == [] and drafter.chunks_used == 1
+    assert drafter.propose(0, sampler, hidden).tokens == []  # the budget's last token: no lookup
+    found["chunk"], found["similarity"] = (3, 99), 1.0
+    with pytest.raises(DistilrayError, match="outside the vocabulary"):
+        drafter.propose(4, sampler, hidden)
+
+
+def test_verify_is_the_speculative_loop_with_a_chunk_drafter(lm):
+    """ChunkDrafter through speculative_generate equals plain greedy decoding, and saves passes."""
+    model, _, prompts = lm
+    vocab = model.config.vocab_size
+    for prompt in prompts[:2]:
+        plain = plain_generate(model, prompt, 30)
+        for lookup in (
+            oracle_lookup(model, prompt, plain.token_ids),
+            oracle_lookup(model, prompt, plain.token_ids, corrupt_from=CHUNK_LEN // 2),
+        ):
+            drafter = ChunkDrafter(lookup, 0.5, vocab)
+            spec = speculative_generate(model, drafter, prompt, 30, gamma=MAX_GAMMA)
+            assert spec.token_ids == plain.token_ids
+            assert spec.accepted == sum(spec.from_draft) > 0 and spec.target_passes < 30
+            assert drafter.chunks_used == sum(g > 0 for g in spec.gamma_history)
+            verify = retrieval_generate(model, prompt, 30, lookup, mode="verify")
+            assert verify.token_ids == spec.token_ids and verify.forward_passes == spec.target_passes
+            assert verify.chunk_tokens_accepted == spec.accepted and verify.chunks_used == drafter.chunks_used

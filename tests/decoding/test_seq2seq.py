@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distilray import corpus
-from distilray.decoding.drafter_api import HFDrafter, HFSeq2SeqDrafter
+from distilray.decoding.drafters import HFDrafter, HFSeq2SeqDrafter
 from distilray.decoding.speculative import plain_generate, speculative_generate
 from distilray.errors import DistilrayError
 from distilray.models.causal_lm import build_causal_lm
@@ -21,32 +21,17 @@ from distilray.models.seq2seq_lm import (
 from distilray.tokenizer import train_bpe_tokenizer
 
 NEW = 24
-
-
-def _peaky(model, factor: float):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(factor)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second thread, and OpenMP threads crawl on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(one_thread):
+def setup(scaled):
     pairs = corpus.load_cnndm_pairs()[:40]
     tok = train_bpe_tokenizer([a for a, _ in pairs] + [h for _, h in pairs], vocab_size=400)
     torch.manual_seed(0)
-    target = _peaky(build_seq2seq_lm("t5-micro", tok), 2.5)
+    target = scaled(build_seq2seq_lm("t5-micro", tok), 2.5)
     torch.manual_seed(1)
-    drafter_model = _peaky(build_seq2seq_lm("t5-micro", tok), 2.5)
+    drafter_model = scaled(build_seq2seq_lm("t5-micro", tok), 2.5)
     sources = encode_truncated(tok, [a for a, _ in pairs], 48)
     summaries = encode_truncated(tok, [h for _, h in pairs], 32)
     start = decoder_start_id(target)
@@ -56,8 +41,13 @@ def setup(one_thread):
 
 def _hf_greedy(target, src, start, n):
     out = target.generate(
-        input_ids=torch.tensor([src]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-        decoder_start_token_id=start, eos_token_id=None, pad_token_id=None,
+        input_ids=torch.tensor([src]),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        decoder_start_token_id=start,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     assert out[0, 0].item() == start
     return out[0, 1:].tolist()
@@ -110,7 +100,7 @@ def test_t5_drafter_rollback_matches_a_fresh_state(setup):
     d.push([7, 8, 9])
     d.next_logits()
     d.rollback(4)  # crops the decoder self-attention cache, keeps the cross-attention of the encoder
-    assert d.length() == 4 and d._cache.get_seq_length() <= 4
+    assert d.length() == 4 and d.cached_length() <= 4
     fresh = HFSeq2SeqDrafter(drafter_model, src)
     fresh.start(prefix[:4])
     torch.testing.assert_close(d.next_logits(), fresh.next_logits())
@@ -154,7 +144,9 @@ def test_eos_stops_inside_an_accepted_run(setup):
     want = plain_generate(target, [start], NEW, encoder_ids=src).token_ids
     eos = want[6]
     cut = want[: want.index(eos) + 1]
-    rec = speculative_generate(target, HFSeq2SeqDrafter(target, src), [start], NEW, gamma=4, eos_token_id=eos, encoder_ids=src)
+    rec = speculative_generate(
+        target, HFSeq2SeqDrafter(target, src), [start], NEW, gamma=4, eos_token_id=eos, encoder_ids=src
+    )
     assert rec.token_ids == cut
     assert plain_generate(target, [start], NEW, eos_token_id=eos, encoder_ids=src).token_ids == cut
 
@@ -163,14 +155,29 @@ def test_sampling_runs_within_budget_and_is_seeded(setup):
     _, target, drafter_model, sources, start, ngram = setup
     src = sources[3]
     for drafter in (ngram, HFSeq2SeqDrafter(drafter_model, src)):
-        a = speculative_generate(target, drafter, [start], 15, gamma=3, temperature=0.9, top_p=0.95, seed=4, encoder_ids=src)
-        b = speculative_generate(target, drafter, [start], 15, gamma=3, temperature=0.9, top_p=0.95, seed=4, encoder_ids=src)
+        a, b = (
+            speculative_generate(
+                target, drafter, [start], 15, gamma=3, temperature=0.9, top_p=0.95, seed=4, encoder_ids=src
+            )
+            for _ in range(2)
+        )
         assert a.token_ids == b.token_ids and len(a.token_ids) == 15
         assert all(0 <= t < len(setup[0]) for t in a.token_ids)
         assert sum(a.gamma_history) == a.drafted and a.target_passes == len(a.gamma_history)
         assert a.accepted + a.target_passes >= len(a.token_ids)
-    adaptive = speculative_generate(target, ngram, [start], 15, gamma=2, temperature=1.0, seed=1, encoder_ids=src,
-                                    adaptive_gamma=True, gamma_min=1, gamma_max=4)
+    adaptive = speculative_generate(
+        target,
+        ngram,
+        [start],
+        15,
+        gamma=2,
+        temperature=1.0,
+        seed=1,
+        encoder_ids=src,
+        adaptive_gamma=True,
+        gamma_min=1,
+        gamma_max=4,
+    )
     assert len(adaptive.token_ids) == 15 and all(1 <= g <= 4 for g in adaptive.gamma_history[:-1])
 
 
@@ -182,7 +189,8 @@ def test_build_save_load_roundtrip(setup, tmp_path):
     assert is_seq2seq(target) and is_seq2seq(tmp_path / "t5")
     loaded = load_seq2seq_lm(tmp_path / "t5", device="cpu")
     src = sources[0]
-    assert plain_generate(loaded, [start], 10, encoder_ids=src).token_ids == plain_generate(target, [start], 10, encoder_ids=src).token_ids
+    want = plain_generate(target, [start], 10, encoder_ids=src).token_ids
+    assert plain_generate(loaded, [start], 10, encoder_ids=src).token_ids == want
     with pytest.raises(DistilrayError, match="no config.json"):
         load_seq2seq_lm(tmp_path)
     causal_dir = tmp_path / "causal"
@@ -197,7 +205,10 @@ def test_bench_measurement_reports_every_drafter(setup):
     from distilray.bench.speculative_t5 import _measure, format_t5_table
 
     _, target, drafter_model, sources, start, ngram = setup
-    drafters = {"ngram3": {"baseline": lambda src: ngram}, "t5": {"baseline": lambda src: HFSeq2SeqDrafter(drafter_model, src)}}
+    drafters = {
+        "ngram3": {"baseline": lambda src: ngram},
+        "t5": {"baseline": lambda src: HFSeq2SeqDrafter(drafter_model, src)},
+    }
     out = _measure(target, drafters, sources[:2], start, eos=None, max_new_tokens=12, gamma=3)
     assert out["target"]["tokens"] == 24 and out["target"]["seconds_per_token"] > 0
     for family in ("ngram3", "t5"):

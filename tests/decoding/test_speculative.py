@@ -8,14 +8,15 @@ import math
 import pytest
 import torch
 
-from distilray.decoding.drafter_api import Drafter, HFDrafter, check_same_vocab
+from distilray.decoding.drafter_api import Draft, Drafter, check_same_vocab
+from distilray.decoding.drafters import HFDrafter
+from distilray.decoding.sampling import Sampler
 from distilray.decoding.speculative import (
     SpecRecord,
     expected_tokens_per_pass,
     plain_generate,
     speculative_generate,
     theoretical_speedup,
-    warp,
 )
 from distilray.errors import DistilrayError
 
@@ -28,26 +29,11 @@ PROMPTS = [
 CHI2_CRIT_DOF5_P001 = 20.52  # chi-square critical value, 5 degrees of freedom, p = 0.001
 
 
-def _tiny(tok, seed: int):
-    """A tiny random GPT-2 with weights x4: peaky distributions, so argmax ties are far from rounding."""
-    from distilray.models.causal_lm import build_causal_lm
-
-    torch.manual_seed(seed)
-    model = build_causal_lm("tiny", tok).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4.0)
-    return model
-
-
 @pytest.fixture(scope="module")
-def setup():
-    from pydoc_data.topics import topics
-
-    from distilray.tokenizer import train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(list(topics.values())[:40], vocab_size=300)
-    return tok, _tiny(tok, 0), _tiny(tok, 1)
+def setup(pydoc_tokenizer, tiny_lm):
+    """A tokenizer, a tiny peaky target and an unrelated tiny drafter model over it."""
+    tok = pydoc_tokenizer(40, 300)
+    return tok, tiny_lm(tok, 0), tiny_lm(tok, 1)
 
 
 def test_greedy_matches_plain_with_other_drafter(setup):
@@ -106,8 +92,9 @@ def test_adaptive_gamma_moves_within_bounds(setup):
     assert up.gamma_history[:5] == [2, 3, 4, 5, 6]
     assert max(up.gamma_history) == 6
     # a random drafter is often rejected at the first draft: gamma falls, never below gamma_min
-    down = speculative_generate(target, HFDrafter(other), ids, 60, gamma=5, adaptive_gamma=True,
-                                gamma_min=2, gamma_max=7)
+    down = speculative_generate(
+        target, HFDrafter(other), ids, 60, gamma=5, adaptive_gamma=True, gamma_min=2, gamma_max=7
+    )
     hist = down.gamma_history
     assert all(0 <= g <= 7 for g in hist)
     # only steps starting with fewer than gamma_max + 1 tokens left (at most the last 7) are budget-cut
@@ -142,17 +129,21 @@ class FixedDrafter:
 
 
 @pytest.fixture(scope="module")
-def toy_target():
+def toy_target(scaled):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=6, n_embd=16, n_layer=1, n_head=2, n_positions=64,
-                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model = GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4.0)  # far from uniform: the top token has ~0.37, the bottom ~0.07
-    return model
+    config = GPT2Config(
+        vocab_size=6,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return scaled(GPT2LMHeadModel(config), 4.0)  # far from uniform: the top token has ~0.37, the bottom ~0.07
 
 
 def _exact_marginals(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
@@ -197,15 +188,54 @@ def test_sampling_is_lossless(toy_target):
         assert chi2 < CHI2_CRIT_DOF5_P001, (t, counts[t].tolist(), expected.tolist())
 
 
-def test_warp():
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
-    assert warp(logits, 0.0).tolist() == [1.0, 0.0, 0.0, 0.0]
-    p = warp(logits, 1.0)
-    assert torch.allclose(p, torch.softmax(logits, -1))
-    nucleus = warp(logits, 1.0, top_p=0.9)  # top two hold 0.881 < 0.9: the third is kept, not the fourth
-    assert nucleus[3] == 0 and nucleus[2] > 0 and math.isclose(float(nucleus.sum()), 1.0, rel_tol=1e-6)
-    assert warp(logits, 1.0, top_p=0.0).tolist() == [1.0, 0.0, 0.0, 0.0]
-    assert warp(logits.repeat(3, 1), 0.5).shape == (3, 4)
+class PointMassDrafter:
+    """Proposes the same tokens at every step, without a distribution (like prompt lookup or a chunk)."""
+
+    needs_target_hidden = False
+
+    def __init__(self, vocab_size: int, block: list[int]) -> None:
+        self.vocab_size, self.block, self._tokens = vocab_size, block, []
+
+    def start(self, prefix: list[int]) -> None:
+        self._tokens = list(prefix)
+
+    def propose(self, gamma: int, sampler: Sampler, target_hidden=None) -> Draft:
+        tokens = self.block[:gamma]
+        self._tokens += tokens
+        return Draft(tokens)
+
+    def push(self, tokens: list[int]) -> None:
+        self._tokens += tokens
+
+    def rollback(self, length: int) -> None:
+        self._tokens = self._tokens[:length]
+
+    def length(self) -> int:
+        return len(self._tokens)
+
+
+def test_point_mass_drafts_are_lossless(toy_target):
+    """A draft without q is accepted with probability p(d) and corrected from p without d: the first
+    three tokens keep the target's exact marginals, whatever the (here fixed, context-blind) drafts."""
+    prompt, runs, steps = [0, 1], 2000, 3
+    exact = _exact_marginals(toy_target, prompt, steps)
+    drafter = PointMassDrafter(6, [int(exact[0].argmax()), 2])  # a likely first draft, then a rare one
+    counts = torch.zeros(steps, 6, dtype=torch.float64)
+    accepted = rejections = 0
+    for seed in range(runs):
+        rec = speculative_generate(toy_target, drafter, prompt, steps, gamma=2, temperature=1.0, seed=seed)
+        assert len(rec.token_ids) == steps and rec.drafted == sum(rec.gamma_history)
+        for t, tok in enumerate(rec.token_ids):
+            counts[t, tok] += 1
+        accepted += rec.accepted
+        rejections += rec.rejections
+    assert accepted > 500 and rejections > 500  # both branches of the rule are exercised
+    for t in range(steps):
+        expected = runs * exact[t]
+        chi2 = float(((counts[t] - expected) ** 2 / expected).sum())
+        assert chi2 < CHI2_CRIT_DOF5_P001, (t, counts[t].tolist(), expected.tolist())
+    greedy = speculative_generate(toy_target, drafter, prompt, 12, gamma=2)
+    assert greedy.token_ids == plain_generate(toy_target, prompt, 12).token_ids
 
 
 def test_formulas_and_record_properties():

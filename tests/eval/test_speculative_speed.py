@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from distilray.bench.speculative import held_out_prompts
 from distilray.config import BenchSpeculativeConfig
-from distilray.decoding.drafter_api import HFDrafter
+from distilray.decoding.drafters import HFDrafter
 from distilray.eval.plots import acceptance_vs_gamma
+from distilray.eval.speculative_speed import scan_drafter, step_times, verify_cost
 from distilray.models.causal_lm import build_causal_lm
 from distilray.models.ngram import NGramDrafter
-from distilray.bench.speculative import held_out_prompts
-from distilray.eval.speculative_speed import scan_drafter, step_times, verify_cost
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,11 @@ def test_held_out_prompts_do_not_overlap(small_tokenizer):
 
 
 def test_plot_is_written(tmp_path):
-    scan = {"ngram3 (distilled)": {1: {"alpha": 0.5, "speedup_measured": 1.1, "speedup_theoretical": 1.4},
-                                   2: {"alpha": 0.55, "speedup_measured": 1.2, "speedup_theoretical": 1.6}}}
+    scan = {
+        "ngram3 (distilled)": {
+            1: {"alpha": 0.5, "speedup_measured": 1.1, "speedup_theoretical": 1.4},
+            2: {"alpha": 0.55, "speedup_measured": 1.2, "speedup_theoretical": 1.6},
+        }
+    }
     path = acceptance_vs_gamma(scan, tmp_path / "plot.png", "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -102,9 +102,7 @@ def test_neural_drafter_causal_and_round_trip(make, tmp_path):
         type(model).from_pretrained(tmp_path / "m")
 
 
-@pytest.mark.parametrize(
-    "make, wrap", [(_conv, ConvDrafterState), (_lstm, LSTMDrafterState)], ids=["conv", "lstm"]
-)
+@pytest.mark.parametrize("make, wrap", [(_conv, ConvDrafterState), (_lstm, LSTMDrafterState)], ids=["conv", "lstm"])
 def test_neural_drafter_interface(make, wrap):
     model = make()
     seq = [1, 4, 2, 7, 3, 9, 5, 0, 6, 8]  # longer than the conv receptive field (5)
@@ -134,3 +132,45 @@ def test_neural_drafter_interface(make, wrap):
         state.rollback(99)
     with pytest.raises(DistilrayError):
         state.start([])
+
+
+def test_registry_builds_saves_recognises_and_loads_every_kind(small_tokenizer, tmp_path):
+    from distilray.models.drafters import (
+        DRAFTER_KINDS,
+        NEURAL_KINDS,
+        build_drafter_network,
+        drafter_kind,
+        load_drafter_network,
+        network_kind,
+        network_logits,
+        save_drafter,
+    )
+
+    tok, _ = small_tokenizer
+    assert NEURAL_KINDS == ("cnn", "lstm", "transformer") and DRAFTER_KINDS == ("ngram", *NEURAL_KINDS)
+    ids = torch.tensor([[1, 4, 2, 7]])
+    for kind, size in (("cnn", "16"), ("lstm", "16"), ("transformer", "tiny")):
+        torch.manual_seed(0)
+        network = build_drafter_network(kind, tok, size).eval()
+        assert network_kind(network) == kind
+        with torch.no_grad():
+            logits = network_logits(network, ids)
+        assert logits.shape == (1, 4, len(tok))
+        save_drafter(network, tmp_path / kind)
+        assert drafter_kind(tmp_path / kind) == kind
+        with torch.no_grad():
+            torch.testing.assert_close(network_logits(load_drafter_network(tmp_path / kind), ids), logits)
+    save_drafter(NGramDrafter(2, len(tok)).fit([[1, 2, 3]]), tmp_path / "ngram")
+    assert drafter_kind(tmp_path / "ngram") == "ngram"
+    with pytest.raises(DistilrayError, match="no trainable network"):
+        load_drafter_network(tmp_path / "ngram")
+    with pytest.raises(DistilrayError, match="unknown trainable drafter kind"):
+        build_drafter_network("ngram", tok)
+    with pytest.raises(DistilrayError, match="width"):
+        build_drafter_network("cnn", tok, "wide")
+    with pytest.raises(DistilrayError, match="not a drafter network"):
+        network_kind(torch.nn.Linear(2, 2))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"architecture": "mdlm"}')
+    with pytest.raises(DistilrayError, match="names no known drafter"):
+        drafter_kind(tmp_path / "other")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import requests
@@ -64,36 +63,44 @@ def artifacts(small_tokenizer, tmp_path_factory):
     decoy_keys = rng.standard_normal((8, keys.shape[1])).astype(np.float32)
     decoy_chunks = [tuple(int(t) for t in rng.integers(10, len(tok), size=3)) for _ in range(8)]
     all_chunks = chunks + decoy_chunks
-    common = dict(entry_tokens=np.concatenate([entry, decoy_entry]), keys=np.concatenate([keys, decoy_keys]),
-                  chunk_ids=np.arange(len(all_chunks)), chunks=all_chunks, num_shards=2)
+    common = dict(
+        entry_tokens=np.concatenate([entry, decoy_entry]),
+        keys=np.concatenate([keys, decoy_keys]),
+        chunk_ids=np.arange(len(all_chunks)),
+        chunks=all_chunks,
+        num_shards=2,
+    )
     store = root / "store"
     write_datastore(store, tokenizer_fingerprint=vocab_fingerprint(tok), **common)
     foreign = root / "foreign"
     write_datastore(foreign, tokenizer_fingerprint="0123456789abcdef", **common)
-    return {"model": str(model_dir), "store": str(store), "foreign": str(foreign), "tok": tok,
-            "num_keys": len(all_chunks), "baseline": cont}
+    return {
+        "model": str(model_dir),
+        "store": str(store),
+        "foreign": str(foreign),
+        "tok": tok,
+        "num_keys": len(all_chunks),
+        "baseline": cont,
+    }
 
 
 @pytest.fixture(scope="module")
 def server(serve_loopback, artifacts):
     """The app under route /cdlm on a free loopback port; deleted (and Serve stopped if we started it) after."""
-    app = build_app({"model": artifacts["model"], "datastore": artifacts["store"], "max_tokens_limit": MAX_TOKENS_LIMIT, "num_cpus": 1})
+    app = build_app(
+        {
+            "model": artifacts["model"],
+            "datastore": artifacts["store"],
+            "max_tokens_limit": MAX_TOKENS_LIMIT,
+            "num_cpus": 1,
+        }
+    )
     with serve_loopback(app, APP_NAME, "/cdlm") as base:
         yield base
 
 
-def _complete(base: str, **body) -> requests.Response:
-    return requests.post(f"{base}/v1/completions", json=body, timeout=60)
-
-
-def _ok(base: str, **body) -> dict:
-    r = _complete(base, **body)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def test_completion_has_openai_shape_and_stats(server, artifacts):
-    out = _ok(server, model="ignored", prompt=PROMPT, max_tokens=12)
+def test_completion_has_openai_shape_and_stats(artifacts, client):
+    out = client.ok(model="ignored", prompt=PROMPT, max_tokens=12)
     assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
     assert isinstance(out["created"], int) and out["model"] == "ignored"
     (choice,) = out["choices"]
@@ -113,9 +120,9 @@ def test_completion_has_openai_shape_and_stats(server, artifacts):
     assert stats["chunks_used"] > 0 and stats["tokens_from_chunks"] > 0
 
 
-def test_verify_equals_baseline_and_saves_passes(server, artifacts):
-    base = _ok(server, prompt=PROMPT, max_tokens=GEN, mode="baseline")
-    ver = _ok(server, prompt=PROMPT, max_tokens=GEN, mode="verify", temperature=0)
+def test_verify_equals_baseline_and_saves_passes(artifacts, client):
+    base = client.ok(prompt=PROMPT, max_tokens=GEN, mode="baseline")
+    ver = client.ok(prompt=PROMPT, max_tokens=GEN, mode="verify", temperature=0)
     want = artifacts["tok"].decode(artifacts["baseline"], skip_special_tokens=True)
     assert base["choices"][0]["text"] == want  # served model == the in-process one
     assert ver["choices"][0]["text"] == base["choices"][0]["text"]
@@ -129,72 +136,62 @@ def test_verify_equals_baseline_and_saves_passes(server, artifacts):
     print(f"\nrouter round trip per step: {1000 * seconds:.2f} ms over {ver['distilray']['lookups']} lookups")
 
 
-def test_paper_mode_threshold_minus_one_uses_chunks(server):
+def test_paper_mode_threshold_minus_one_uses_chunks(client):
     other = "Exceptions can be raised by the raise statement"  # a prompt the datastore was not built from
-    out = _ok(server, prompt=other, max_tokens=16, mode="paper", similarity_threshold=-1, seed=3)
+    out = client.ok(prompt=other, max_tokens=16, mode="paper", similarity_threshold=-1, seed=3)
     stats = out["distilray"]
     assert stats["chunks_used"] > 0 and stats["tokens_from_chunks"] > 0
     assert stats["forward_passes"] < out["usage"]["completion_tokens"]
     # same request, same answer
-    again = _ok(server, prompt=other, max_tokens=16, mode="paper", similarity_threshold=-1, seed=3)
+    again = client.ok(prompt=other, max_tokens=16, mode="paper", similarity_threshold=-1, seed=3)
     assert again["choices"] == out["choices"]
 
 
-def test_sampling_is_seeded(server):
-    a = _ok(server, prompt=PROMPT, max_tokens=10, mode="verify", temperature=1.0, seed=5)
-    b = _ok(server, prompt=PROMPT, max_tokens=10, mode="verify", temperature=1.0, seed=5)
+def test_sampling_is_seeded(client):
+    a = client.ok(prompt=PROMPT, max_tokens=10, mode="verify", temperature=1.0, seed=5)
+    b = client.ok(prompt=PROMPT, max_tokens=10, mode="verify", temperature=1.0, seed=5)
     assert a["choices"][0]["text"] == b["choices"][0]["text"]
 
 
-def _assert_error(r: requests.Response, param: str | None = None) -> None:
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"}
-    err = body["error"]
-    assert err["type"] == "invalid_request_error" and isinstance(err["message"], str) and err["message"]
-    if param is not None:
-        assert err["param"] == param
-
-
-def test_bad_requests_get_4xx_json_and_service_keeps_serving(server):
+def test_bad_requests_get_4xx_json_and_service_keeps_serving(server, client, assert_error):
     url = f"{server}/v1/completions"
     r = requests.post(url, data="{not json", headers={"Content-Type": "application/json"}, timeout=30)
-    _assert_error(r)
+    assert_error(r)
     assert "JSON" in r.json()["error"]["message"]
-    _assert_error(requests.post(url, json={"max_tokens": 5}, timeout=30), "prompt")  # no prompt
-    _assert_error(_complete(server, prompt=123), "prompt")
-    _assert_error(_complete(server, prompt=PROMPT, max_tokens="many"), "max_tokens")
-    _assert_error(_complete(server, prompt=PROMPT, max_tokens=-1), "max_tokens")
-    r = _complete(server, prompt=PROMPT, max_tokens=MAX_TOKENS_LIMIT + 1)
-    _assert_error(r, "max_tokens")
+    assert_error(requests.post(url, json={"max_tokens": 5}, timeout=30), "prompt")  # no prompt
+    assert_error(client.post(prompt=123), "prompt")
+    assert_error(client.post(prompt=PROMPT, max_tokens="many"), "max_tokens")
+    assert_error(client.post(prompt=PROMPT, max_tokens=-1), "max_tokens")
+    r = client.post(prompt=PROMPT, max_tokens=MAX_TOKENS_LIMIT + 1)
+    assert_error(r, "max_tokens")
     assert str(MAX_TOKENS_LIMIT) in r.json()["error"]["message"]
-    _assert_error(_complete(server, prompt=PROMPT, similarity_threshold=1.5), "similarity_threshold")
-    _assert_error(_complete(server, prompt=PROMPT, similarity_threshold=-1.01), "similarity_threshold")
-    r = _complete(server, prompt=PROMPT, mode="beam")
-    _assert_error(r, "mode")
+    assert_error(client.post(prompt=PROMPT, similarity_threshold=1.5), "similarity_threshold")
+    assert_error(client.post(prompt=PROMPT, similarity_threshold=-1.01), "similarity_threshold")
+    r = client.post(prompt=PROMPT, mode="beam")
+    assert_error(r, "mode")
     assert "beam" in r.json()["error"]["message"]
-    _assert_error(_complete(server, prompt=""), "prompt")
-    _assert_error(_complete(server, prompt=PROMPT, temperature=-0.5), "temperature")
-    _assert_error(_complete(server, prompt=PROMPT, n=2), "n")
-    _assert_error(_complete(server, prompt=PROMPT, seed=2**70), "seed")
+    assert_error(client.post(prompt=""), "prompt")
+    assert_error(client.post(prompt=PROMPT, temperature=-0.5), "temperature")
+    assert_error(client.post(prompt=PROMPT, n=2), "n")
+    assert_error(client.post(prompt=PROMPT, seed=2**70), "seed")
     # within max_tokens_limit but over the model's context once the prompt is counted (checked by the target)
-    r = _complete(server, prompt=PROMPT, max_tokens=MAX_TOKENS_LIMIT)
-    _assert_error(r)
+    r = client.post(prompt=PROMPT, max_tokens=MAX_TOKENS_LIMIT)
+    assert_error(r)
     assert "context" in r.json()["error"]["message"] and str(CONTEXT) in r.json()["error"]["message"]
-    _assert_error(requests.get(f"{server}/v1/nowhere", timeout=30))  # 404 in the same JSON shape
+    assert_error(requests.get(f"{server}/v1/nowhere", timeout=30))  # 404 in the same JSON shape
     # still serving
-    out = _ok(server, prompt=PROMPT, max_tokens=5, mode="verify")
+    out = client.ok(prompt=PROMPT, max_tokens=5, mode="verify")
     assert out["usage"]["completion_tokens"] <= 5
 
 
-def test_health_models_and_datastore_stats(server, artifacts):
+def test_health_models_and_datastore_stats(server, artifacts, client):
     r = requests.get(f"{server}/healthz", timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert r.json()["context"] == CONTEXT
     assert r.json()["tokenizer_fingerprint"] == vocab_fingerprint(artifacts["tok"])
     models = requests.get(f"{server}/v1/models", timeout=30).json()
     assert models["data"][0]["id"] == artifacts["model"]
-    _ok(server, prompt=PROMPT, max_tokens=4, mode="paper")
+    client.ok(prompt=PROMPT, max_tokens=4, mode="paper")
     stats = requests.get(f"{server}/v1/datastore/stats", timeout=30).json()
     assert stats["num_shards"] == 2 and stats["num_keys"] == artifacts["num_keys"]
     assert stats["queries"] > 0 and stats["router"]["calls"] > 0 and stats["router"]["mean_call_ms"] > 0
@@ -228,7 +225,8 @@ def test_builder_args_and_environment(artifacts, monkeypatch):
         parse_args({"model": "m", "datastore": "d", "similarity_threshold": "2"})
     # what `serve run distilray.serve_apps.retrieval:app model=... num_cpus=0.5` does: string args
     built = call_user_app_builder_with_args_if_necessary(
-        app, {"model": artifacts["model"], "datastore": artifacts["store"], "num_cpus": "0.5"})
+        app, {"model": artifacts["model"], "datastore": artifacts["store"], "num_cpus": "0.5"}
+    )
     assert isinstance(built, Application)
     # and with no args at all, the environment names the model and the datastore
     monkeypatch.setenv(ENV_MODEL, artifacts["model"])

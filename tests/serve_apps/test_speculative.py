@@ -3,15 +3,17 @@ an n-gram drafter and a transformer drafter, each in its own deployment."""
 
 from __future__ import annotations
 
+import pydoc_data.topics
 import time
 
-import pydoc_data.topics
 import pytest
 import requests
 import torch
 
+from distilray.decoding.sampling import Sampler, SamplingParams
 from distilray.decoding.speculative import MAX_GAMMA, plain_generate, speculative_generate
 from distilray.errors import DistilrayError
+from distilray.serve_apps.schemas import DraftRequest
 from distilray.serve_apps.speculative import (
     ENV_DRAFTERS,
     ENV_TARGET,
@@ -24,8 +26,10 @@ from distilray.serve_apps.speculative_drafter import DrafterSessions, RemoteDraf
 pytestmark = pytest.mark.ray
 
 APP_NAME = "speculative-test"
-PROMPTS = ["The for statement is used to iterate over the elements of a sequence",
-           "Exceptions can be raised by the raise statement"]
+PROMPTS = [
+    "The for statement is used to iterate over the elements of a sequence",
+    "Exceptions can be raised by the raise statement",
+]
 CONTEXT = 128  # target context, small so "prompt + max_tokens over the context" is cheap to hit
 MAX_TOKENS_LIMIT = 120
 GEN = 20
@@ -47,8 +51,12 @@ def artifacts(small_tokenizer, tmp_path_factory):
     with torch.no_grad():  # peaky: varied greedy text, top-2 gaps far above float rounding
         for param in target.parameters():
             param.mul_(5.0)
-    paths = {"target": root / "target", "ngram3": root / "ngram3", "transformer": root / "transformer",
-             "foreign": root / "foreign"}
+    paths = {
+        "target": root / "target",
+        "ngram3": root / "ngram3",
+        "transformer": root / "transformer",
+        "foreign": root / "foreign",
+    }
     target.save_pretrained(paths["target"])
     tok.save_pretrained(paths["target"])
     target.save_pretrained(paths["transformer"])
@@ -56,8 +64,12 @@ def artifacts(small_tokenizer, tmp_path_factory):
     NGramDrafter(3, len(tok)).fit(encode_documents(tok, texts)).save(paths["ngram3"])
     NGramDrafter(2, len(tok) + 7).fit([[1, 2, 3]]).save(paths["foreign"])
     eos = tok.eos_token_id
-    want = {p: tok.decode(plain_generate(target, tok(p)["input_ids"], GEN, eos_token_id=eos).token_ids,
-                          skip_special_tokens=True) for p in PROMPTS}
+    want = {
+        p: tok.decode(
+            plain_generate(target, tok(p)["input_ids"], GEN, eos_token_id=eos).token_ids, skip_special_tokens=True
+        )
+        for p in PROMPTS
+    }
     return {**{k: str(v) for k, v in paths.items()}, "tok": tok, "model": target, "want": want}
 
 
@@ -66,20 +78,17 @@ def server(serve_loopback, artifacts):
     """The app under route /speculative on a free loopback port; deleted (and Serve stopped if we
     started it) after. Shares a running Serve instance with the other Serve tests."""
     drafters = {"ngram3": artifacts["ngram3"], "transformer": artifacts["transformer"]}
-    app = build_app({"target": artifacts["target"], "drafters": drafters, "default_drafter": "ngram3",
-                     "max_tokens_limit": MAX_TOKENS_LIMIT, "num_cpus": 1})
+    app = build_app(
+        {
+            "target": artifacts["target"],
+            "drafters": drafters,
+            "default_drafter": "ngram3",
+            "max_tokens_limit": MAX_TOKENS_LIMIT,
+            "num_cpus": 1,
+        }
+    )
     with serve_loopback(app, APP_NAME, "/speculative") as base:
         yield base
-
-
-def _complete(base: str, **body) -> requests.Response:
-    return requests.post(f"{base}/v1/completions", json=body, timeout=120)
-
-
-def _ok(base: str, **body) -> dict:
-    r = _complete(base, **body)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def _assert_consistent(stats: dict, usage: dict) -> None:
@@ -98,9 +107,9 @@ def _assert_consistent(stats: dict, usage: dict) -> None:
 
 
 @pytest.mark.parametrize("drafter", ["ngram3", "transformer", "none"])
-def test_greedy_output_equals_plain_decoding_over_the_wire(server, artifacts, drafter):
+def test_greedy_output_equals_plain_decoding_over_the_wire(artifacts, drafter, client):
     for prompt in PROMPTS:
-        out = _ok(server, model="m", prompt=prompt, max_tokens=GEN, drafter=drafter, gamma=3)
+        out = client.ok(model="m", prompt=prompt, max_tokens=GEN, drafter=drafter, gamma=3)
         assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and out["model"] == "m"
         (choice,) = out["choices"]
         assert choice["text"] == artifacts["want"][prompt]  # lossless through two deployments
@@ -123,77 +132,67 @@ def test_greedy_output_equals_plain_decoding_over_the_wire(server, artifacts, dr
             assert stats["alpha"] == 1.0 and stats["mean_accepted_length"] > 2
 
 
-def test_sampling_adaptive_gamma_and_stop(server, artifacts):
+def test_sampling_adaptive_gamma_and_stop(artifacts, client):
     body = dict(prompt=PROMPTS[0], max_tokens=GEN, temperature=1.0, top_p=0.9, seed=5, drafter="ngram3")
-    a, b = _ok(server, **body), _ok(server, **body)
+    a, b = client.ok(**body), client.ok(**body)
     assert a["choices"][0]["text"] == b["choices"][0]["text"]  # seeded drafts and tests: reproducible
     _assert_consistent(a["distilray"], a["usage"])
-    c = _ok(server, **{**body, "drafter": "transformer", "adaptive_gamma": True, "gamma": 2})
+    c = client.ok(**{**body, "drafter": "transformer", "adaptive_gamma": True, "gamma": 2})
     stats = c["distilray"]
     _assert_consistent(stats, c["usage"])
     assert stats["adaptive_gamma"] and stats["alpha"] == 1.0  # p == q: nothing is ever rejected
     assert stats["drafted"] > 2 * (stats["target_passes"] - 1)  # gamma grew past 2
     want = artifacts["want"][PROMPTS[0]]
     cut = want[len(want) // 2 :][:3]  # a stop string from the middle of the greedy text
-    out = _ok(server, prompt=PROMPTS[0], max_tokens=GEN, stop=["@@never@@", cut])
+    out = client.ok(prompt=PROMPTS[0], max_tokens=GEN, stop=["@@never@@", cut])
     assert out["choices"][0]["text"] == want[: want.find(cut)] and out["choices"][0]["finish_reason"] == "stop"
     assert 0 < out["usage"]["completion_tokens"] < GEN
 
 
-def _assert_error(r: requests.Response, param: str | None = None) -> None:
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"}
-    err = body["error"]
-    assert err["type"] == "invalid_request_error" and isinstance(err["message"], str) and err["message"]
-    if param is not None:
-        assert err["param"] == param
-
-
-def test_bad_requests_get_4xx_json_and_service_keeps_serving(server):
+def test_bad_requests_get_4xx_json_and_service_keeps_serving(server, client, assert_error):
     url = f"{server}/v1/completions"
     r = requests.post(url, data="{not json", headers={"Content-Type": "application/json"}, timeout=30)
-    _assert_error(r)
+    assert_error(r)
     assert "JSON" in r.json()["error"]["message"]
     p = PROMPTS[0]
-    _assert_error(requests.post(url, json={"max_tokens": 5}, timeout=30), "prompt")
-    _assert_error(_complete(server, prompt=123), "prompt")
-    _assert_error(_complete(server, prompt=""), "prompt")
-    _assert_error(_complete(server, prompt=p, max_tokens="many"), "max_tokens")
-    _assert_error(_complete(server, prompt=p, max_tokens=-1), "max_tokens")
-    r = _complete(server, prompt=p, max_tokens=MAX_TOKENS_LIMIT + 1)
-    _assert_error(r, "max_tokens")
+    assert_error(requests.post(url, json={"max_tokens": 5}, timeout=30), "prompt")
+    assert_error(client.post(prompt=123), "prompt")
+    assert_error(client.post(prompt=""), "prompt")
+    assert_error(client.post(prompt=p, max_tokens="many"), "max_tokens")
+    assert_error(client.post(prompt=p, max_tokens=-1), "max_tokens")
+    r = client.post(prompt=p, max_tokens=MAX_TOKENS_LIMIT + 1)
+    assert_error(r, "max_tokens")
     assert str(MAX_TOKENS_LIMIT) in r.json()["error"]["message"]
-    _assert_error(_complete(server, prompt=p, gamma=0), "gamma")
-    _assert_error(_complete(server, prompt=p, gamma=MAX_GAMMA + 1), "gamma")
-    _assert_error(_complete(server, prompt=p, gamma=10**6), "gamma")
-    _assert_error(_complete(server, prompt=p, gamma="x"), "gamma")
-    r = _complete(server, prompt=p, drafter="medusa")
-    _assert_error(r, "drafter")
+    assert_error(client.post(prompt=p, gamma=0), "gamma")
+    assert_error(client.post(prompt=p, gamma=MAX_GAMMA + 1), "gamma")
+    assert_error(client.post(prompt=p, gamma=10**6), "gamma")
+    assert_error(client.post(prompt=p, gamma="x"), "gamma")
+    r = client.post(prompt=p, drafter="medusa")
+    assert_error(r, "drafter")
     assert "medusa" in r.json()["error"]["message"] and "ngram3" in r.json()["error"]["message"]
-    _assert_error(_complete(server, prompt=p, temperature=-0.5), "temperature")
-    _assert_error(_complete(server, prompt=p, top_p=1.5), "top_p")
-    _assert_error(_complete(server, prompt=p, n=2), "n")
-    _assert_error(_complete(server, prompt=p, stream=True), "stream")
-    _assert_error(_complete(server, prompt=p, stop=["a", "b", "c", "d", "e"]), "stop")
-    _assert_error(_complete(server, prompt=p, seed=2**70), "seed")
+    assert_error(client.post(prompt=p, temperature=-0.5), "temperature")
+    assert_error(client.post(prompt=p, top_p=1.5), "top_p")
+    assert_error(client.post(prompt=p, n=2), "n")
+    assert_error(client.post(prompt=p, stream=True), "stream")
+    assert_error(client.post(prompt=p, stop=["a", "b", "c", "d", "e"]), "stop")
+    assert_error(client.post(prompt=p, seed=2**70), "seed")
     # within max_tokens_limit but over the target's context once the prompt is counted (checked by the target)
     for drafter in ("ngram3", "none"):
-        r = _complete(server, prompt=p, max_tokens=MAX_TOKENS_LIMIT, drafter=drafter)
-        _assert_error(r)
+        r = client.post(prompt=p, max_tokens=MAX_TOKENS_LIMIT, drafter=drafter)
+        assert_error(r)
         assert "context" in r.json()["error"]["message"] and str(CONTEXT) in r.json()["error"]["message"]
-    _assert_error(requests.get(f"{server}/v1/nowhere", timeout=30))  # 404 in the same JSON shape
-    out = _ok(server, prompt=p, max_tokens=5)  # still serving, with the default drafter
+    assert_error(requests.get(f"{server}/v1/nowhere", timeout=30))  # 404 in the same JSON shape
+    out = client.ok(prompt=p, max_tokens=5)  # still serving, with the default drafter
     assert out["usage"]["completion_tokens"] <= 5 and out["distilray"]["drafter"] == "ngram3"
 
 
-def test_health_models_stats_and_sessions_closed(server, artifacts):
+def test_health_models_stats_and_sessions_closed(server, artifacts, client):
     r = requests.get(f"{server}/healthz", timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert r.json()["context"] == CONTEXT and r.json()["vocab_size"] == len(artifacts["tok"])
     models = requests.get(f"{server}/v1/models", timeout=30).json()["data"]
     assert [m["id"] for m in models] == [artifacts["target"], "ngram3", "transformer"]
-    _ok(server, prompt=PROMPTS[1], max_tokens=8, drafter="ngram3")
+    client.ok(prompt=PROMPTS[1], max_tokens=8, drafter="ngram3")
     deadline = time.monotonic() + 20
     while True:  # end(session) is fire-and-forget: give it a moment
         stats = requests.get(f"{server}/v1/stats", timeout=30).json()
@@ -213,8 +212,11 @@ def test_health_models_stats_and_sessions_closed(server, artifacts):
     wanted = [f"ray_distilray_spec_{k}_total" for k in ("drafted_tokens", "requests", "target_passes")]
     deadline = time.monotonic() + 45
     while True:
-        lines = [line for line in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text.splitlines()
-                 if line.startswith("ray_distilray_spec_") and 'drafter="ngram3"' in line]
+        lines = [
+            line
+            for line in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text.splitlines()
+            if line.startswith("ray_distilray_spec_") and 'drafter="ngram3"' in line
+        ]
         if all(any(line.startswith(w) for line in lines) for w in wanted) or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -230,14 +232,15 @@ def test_remote_drafter_sessions_survive_eviction(artifacts):
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     proxies = [RemoteDrafter(drafter.step, drafter.end, len(tok)) for _ in PROMPTS]
     # drive both generations step by step, alternately: each evicts the other's session
+    greedy = Sampler(SamplingParams(max_new_tokens=GEN))
     for proxy, prompt in zip(proxies, ids):
         proxy.start(prompt)
-        proxy.propose(2, 0.0, 1.0, None)
+        proxy.propose(2, greedy)
     for proxy, prompt in zip(proxies, ids):
         proxy.rollback(len(prompt) + 1)
         proxy.push([5])
-        drafts, q = proxy.propose(3, 0.0, 1.0, None)
-        assert len(drafts) == len(q) == 3 and all(float(row[d]) == 1.0 for row, d in zip(q, drafts))
+        draft = proxy.propose(3, greedy)
+        assert len(draft.tokens) == 3 and draft.probs is None  # greedy drafts are point masses: no rows shipped
         assert proxy.length() == len(prompt) + 2 + 3
     assert proxies[0].restarts == 1 and proxies[1].restarts == 1 and drafter.info()["evicted"] >= 1
     for prompt in ids:  # and a whole generation through the proxy equals plain decoding
@@ -285,23 +288,25 @@ def test_loopback_channel_is_exact_and_authenticated(artifacts):
     tok = artifacts["tok"]
     drafter = DrafterSessions("transformer", artifacts["transformer"])
     channel = drafter.open_channel()
-    step, end = socket_calls(channel["port"], channel["token"])
+    step, end = socket_calls(channel.port, channel.token)
     prompt = tok(PROMPTS[0])["input_ids"]
-    remote = step("s1", None, prompt, 3, 0.8, 0.9, 11)
-    direct = drafter.step("s2", None, prompt, 3, 0.8, 0.9, 11)
-    assert remote["drafts"] == direct["drafts"] and remote["q"].dtype == direct["q"].dtype
-    assert (remote["q"] == direct["q"]).all() and remote["q"].shape == (3, len(tok))
-    assert step("s1", len(prompt) + 1, [7], 2, 0.0, 1.0, 0)["drafts"]  # incremental step, greedy: no rows
-    assert "q" not in step("s1", len(prompt), [], 1, 0.0, 1.0, 0)
-    assert step("nobody", 3, [], 1, 0.0, 1.0, 0) == {"unknown_session": True}
+    remote = step(DraftRequest("s1", None, prompt, 3, 0.8, 0.9, 11))
+    direct = drafter.step(DraftRequest("s2", None, prompt, 3, 0.8, 0.9, 11))
+    assert remote.drafts == direct.drafts and remote.q.dtype == direct.q.dtype
+    assert (remote.q == direct.q).all() and remote.q.shape == (3, len(tok))
+    greedy_step = step(DraftRequest("s1", len(prompt) + 1, [7], 2, 0.0, 1.0, 0))  # incremental step
+    assert len(greedy_step.drafts) == 2 and greedy_step.q is None  # greedy: no rows
+    assert step(DraftRequest("s1", len(prompt), [], 1, 0.0, 1.0, 0)).q is None
+    unknown = step(DraftRequest("nobody", 3, [], 1, 0.0, 1.0, 0))
+    assert unknown.unknown_session and unknown.drafts == []
     with pytest.raises(RuntimeError, match="drafter step failed"):  # a failing step: error, channel lives on
-        step("s1", None, [], 1, 0.0, 1.0, 0)
+        step(DraftRequest("s1", None, [], 1, 0.0, 1.0, 0))
     end("s1")
     drafter.end("s2")
     assert drafter.info()["sessions"] == 0
-    intruder, _ = socket_calls(channel["port"], "wrong-token")
+    intruder, _ = socket_calls(channel.port, "wrong-token")
     with pytest.raises((ConnectionError, OSError)):
-        intruder("s3", None, prompt, 1, 0.0, 1.0, 0)
+        intruder(DraftRequest("s3", None, prompt, 1, 0.0, 1.0, 0))
     assert drafter.info()["sessions"] == 0
 
 
@@ -334,7 +339,8 @@ def test_builder_args_and_environment(artifacts, monkeypatch):
     assert parse_args({"target": "t", "drafters": {"a": "x", "b": "y"}}).default_drafter == "a"
     # what `serve run distilray.serve_apps.speculative:app target=... drafters='{...}' num_cpus=0.5` does
     built = call_user_app_builder_with_args_if_necessary(
-        app, {"target": artifacts["target"], "drafters": f'{{"ngram3": "{artifacts["ngram3"]}"}}', "num_cpus": "0.5"})
+        app, {"target": artifacts["target"], "drafters": f'{{"ngram3": "{artifacts["ngram3"]}"}}', "num_cpus": "0.5"}
+    )
     assert isinstance(built, Application)
     # and with no args at all, the environment names the target and the drafters
     monkeypatch.setenv(ENV_TARGET, artifacts["target"])

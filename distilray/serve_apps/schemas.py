@@ -1,0 +1,298 @@
+"""The Serve apps' types: builder arguments, HTTP requests, and what crosses between deployments.
+
+Validation lives here (Ray Serve LLM style): ranges in `Field`, choices in `Literal`, and the checks
+that depend on one app's arguments (max_tokens_limit, the configured drafter names) in validators that
+read those arguments from the validation context, `model_validate(body, context={"args": app_args})`.
+A failed request is answered by openai_api.py as a 400 whose `param` names the first bad field.
+
+No `from __future__ import annotations`: pydantic and FastAPI read these annotations at runtime.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from distilray.decoding.retrieval import Mode, RetrievalParams
+from distilray.decoding.sampling import SamplingParams
+from distilray.decoding.speculative import MAX_GAMMA, SpeculativeParams
+
+NO_DRAFTER = "none"
+DRAFTER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # drafter names become deployment names
+ADAPTIVE_GAMMA_MAX = 8  # upper bound of adaptive gamma unless the request's gamma is larger
+SEED_MIN, SEED_END = -(2**63), 2**64  # what torch.Generator.manual_seed takes
+
+
+def _app_args(info: ValidationInfo) -> Any:
+    return (info.context or {}).get("args")
+
+
+# -- builder arguments -------------------------------------------------------------------------------
+
+
+class ReplicaResources(BaseModel):
+    """The target replica's resources (torch threads = max(1, int(num_cpus)); bf16 on a GPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens_limit: int = Field(512, ge=1, description="the largest max_tokens a request may ask for")
+    num_cpus: float = Field(1, ge=0, description="CPUs of the target replica (torch threads = max(1, int(num_cpus)))")
+    num_gpus: float = Field(0, ge=0, description="GPUs of the target replica")
+
+
+class RetrievalAppArgs(ReplicaResources):
+    """Arguments of the CD-LM app's `build_app` (`serve run ... key=value` or `args:` in serve_config.yaml)."""
+
+    model: str = Field(description="HF causal LM: a save_pretrained folder with its tokenizer, or a hub name")
+    datastore: str = Field(description="folder holding datastore.json and the shard files")
+    default_mode: Mode = Field("paper", description="decoding mode when a request names none")
+    similarity_threshold: float = Field(
+        0.5, ge=-1.0, le=1.0, allow_inf_nan=False, description="default cosine threshold for a chunk to be used"
+    )
+
+
+class SpeculativeAppArgs(ReplicaResources):
+    """Arguments of the speculative app's `build_app` (`serve run ... key=value` or serve_config.yaml)."""
+
+    target: str = Field(description="HF causal LM: a save_pretrained folder with its tokenizer, or a hub name")
+    drafters: dict[str, str] = Field({}, description="drafter name (chosen per request) -> saved drafter folder")
+    default_drafter: str | None = Field(
+        None, description=f"drafter of requests that name none; default: the first drafter, else {NO_DRAFTER!r}"
+    )
+    default_gamma: int = Field(4, ge=1, le=MAX_GAMMA, description="draft length of requests that name none")
+    max_sessions: int = Field(256, ge=1, description="drafter sessions kept per drafter replica (LRU evicted)")
+    drafter_num_cpus: float = Field(
+        0, ge=0, description="CPUs of each drafter replica; 0: a drafter and its target take turns"
+    )
+    drafter_num_gpus: float = Field(0, ge=0, description="GPUs of each drafter replica")
+    drafter_transport: Literal["auto", "serve"] = Field(
+        "auto",
+        description="auto: a loopback socket to a drafter replica on the target's node, Serve handle "
+        "calls otherwise; serve: always the latter (slower per step)",
+    )
+
+    @field_validator("drafters", mode="before")
+    @classmethod
+    def _json_drafters(cls, value: Any) -> Any:
+        # `serve run ... drafters={"a": "path"}` and $DISTILRAY_DRAFTERS hand over a JSON string
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON object of name -> folder: {exc}") from None
+        return value
+
+    @field_validator("drafters")
+    @classmethod
+    def _drafter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if name == NO_DRAFTER or not DRAFTER_NAME.match(name):
+                raise ValueError(f"drafter name {name!r} must match {DRAFTER_NAME.pattern} and not be {NO_DRAFTER!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_default_drafter(self) -> "SpeculativeAppArgs":
+        if self.default_drafter is None:
+            self.default_drafter = next(iter(self.drafters), NO_DRAFTER)
+        if self.default_drafter != NO_DRAFTER and self.default_drafter not in self.drafters:
+            raise ValueError(
+                f"default_drafter {self.default_drafter!r} is not one of the drafters "
+                f"({', '.join(self.drafters) or 'none configured'}) nor {NO_DRAFTER!r}"
+            )
+        return self
+
+
+# -- HTTP requests -----------------------------------------------------------------------------------
+
+
+class CompletionRequest(BaseModel):
+    """The OpenAI completions fields both apps take; validated in field order, so the 400 names the first."""
+
+    model: str | None = Field(None, description="accepted and echoed: each app serves one model")
+    prompt: str = Field(min_length=1, description="the text to continue")
+    max_tokens: int = Field(16, ge=0, description="tokens to generate at most (the app caps it: max_tokens_limit)")
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="0: greedy")
+    top_p: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
+    seed: int | None = Field(None, ge=SEED_MIN, lt=SEED_END, description="sampling seed (64 bits)")
+    n: Literal[1] = Field(1, description="choices: these apps serve one")
+    stream: Literal[False] = Field(False, description="streaming is not supported")
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _within_server_limit(cls, value: int, info: ValidationInfo) -> int:
+        args = _app_args(info)
+        if args is not None and value > args.max_tokens_limit:
+            raise PydanticCustomError(
+                "max_tokens_limit",
+                "must be <= {limit} on this server, got {value}",
+                {"limit": args.max_tokens_limit, "value": value},
+            )
+        return value
+
+    def sampling(self, seed: int) -> SamplingParams:
+        """The decoder's sampling parameters; `seed` stands in for a missing one (the app decides how)."""
+        return SamplingParams(
+            max_new_tokens=self.max_tokens,
+            temperature=float(self.temperature),
+            top_p=float(self.top_p),
+            seed=self.seed if self.seed is not None else seed,
+        )
+
+
+class RetrievalRequest(CompletionRequest):
+    """A completion for the CD-LM app; `mode` and `similarity_threshold` are distilray's own fields."""
+
+    max_tokens: int = Field(50, ge=0, description="tokens to generate at most (the app caps it: max_tokens_limit)")
+    mode: Mode | None = Field(None, description="how chunks are used; default: the app's default_mode")
+    similarity_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False, description="cosine threshold; default: the app's"
+    )
+
+    def method(self, args: RetrievalAppArgs) -> RetrievalParams:
+        threshold = self.similarity_threshold if self.similarity_threshold is not None else args.similarity_threshold
+        return RetrievalParams(self.mode or args.default_mode, float(threshold))
+
+
+class SpeculativeRequest(CompletionRequest):
+    """A completion for the speculative app; `gamma`, `drafter` and `adaptive_gamma` are distilray's own."""
+
+    stop: list[str] = Field(default_factory=list, description="up to 4 strings; the text ends before the first")
+    gamma: int | None = Field(None, ge=1, le=MAX_GAMMA, description="draft length; default: the app's")
+    drafter: str | None = Field(None, description=f"a configured drafter name or {NO_DRAFTER!r}; default: the app's")
+    adaptive_gamma: bool = Field(False, description="grow gamma after accepted blocks, shrink it after misses")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else [] if value is None else value  # OpenAI takes str | list
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str]) -> list[str]:
+        if len(value) > 4 or not all(value):
+            raise PydanticCustomError(
+                "stop", "stop takes at most 4 non-empty strings, got {value}", {"value": repr(value)}
+            )
+        return value
+
+    @field_validator("drafter")
+    @classmethod
+    def _known_drafter(cls, value: str | None, info: ValidationInfo) -> str | None:
+        args = _app_args(info)
+        if value is not None and args is not None and value != NO_DRAFTER and value not in args.drafters:
+            raise PydanticCustomError(
+                "unknown_drafter",
+                "unknown drafter {name}; drafters: {names}",
+                {"name": repr(value), "names": ", ".join([*args.drafters, NO_DRAFTER])},
+            )
+        return value
+
+    def drafter_name(self, args: SpeculativeAppArgs) -> str:
+        return self.drafter if self.drafter is not None else args.default_drafter
+
+    def method(self, args: SpeculativeAppArgs) -> SpeculativeParams:
+        gamma = self.gamma if self.gamma is not None else args.default_gamma
+        return SpeculativeParams(
+            gamma=gamma, adaptive_gamma=self.adaptive_gamma, gamma_max=max(gamma, ADAPTIVE_GAMMA_MAX)
+        )
+
+
+# -- between deployments -----------------------------------------------------------------------------
+
+
+class SpeculativeStats(BaseModel):
+    """The `distilray` block of a speculative completion (before the ingress adds request_seconds)."""
+
+    drafter: str
+    gamma: int | None
+    adaptive_gamma: bool
+    drafted: int
+    accepted: int
+    rejections: int
+    target_passes: int
+    generated_tokens: int
+    mean_accepted_length: float | None
+    alpha: float | None
+    draft_acceptance_rate: float | None
+    seconds: float
+    tokens_per_s: float | None
+    drafter_round_trips: int = 0
+    round_trip_seconds: float = 0.0  # wall time the target waited on the drafter
+    drafter_seconds: float = 0.0  # compute inside the drafter
+    composition_seconds: float = 0.0  # their difference: serialisation, transport, scheduling
+    session_restarts: int = 0
+    drafter_transport: str | None = None
+
+
+class RetrievalStats(BaseModel):
+    """The `distilray` block of a CD-LM completion."""
+
+    mode: str
+    chunks_used: int
+    forward_passes: int
+    tokens_from_chunks: int
+    steps: int
+    lookups: int
+    lookup_seconds: float
+    seconds: float
+
+
+class Completion(BaseModel):
+    """A target deployment's answer to one request."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    stats: SpeculativeStats | RetrievalStats
+
+
+class GenerationFailure(BaseModel):
+    """A request the target could not serve: the ingress answers `status` with `message`."""
+
+    message: str
+    status: int = 400
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """One speculative step asked of a drafter session: sync the state, then draft `gamma` tokens.
+
+    keep None starts the session on `tokens`; otherwise the session rolls back to `keep` tokens and
+    pushes `tokens`. The drafter samples with its own generator seeded by `seed`.
+    """
+
+    session: str
+    keep: int | None
+    tokens: list[int]
+    gamma: int
+    temperature: float
+    top_p: float
+    seed: int
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.gamma, temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class DraftReply:
+    """The drafts, their q rows (gamma, V) float32 when sampled, and the drafter's compute seconds;
+    or unknown_session when the drafter does not hold the session (evicted, restarted)."""
+
+    drafts: list[int]
+    q: np.ndarray | None = None
+    seconds: float = 0.0
+    unknown_session: bool = False
+
+
+@dataclass(frozen=True)
+class DrafterChannel:
+    """Where a target on the drafter's node reaches it over the loopback socket."""
+
+    port: int
+    token: str
+    node_id: str | None
