@@ -121,6 +121,35 @@ COMMANDS: tuple[Command, ...] = (
         "distilray.pipelines.train_seq2seq:run",
         example="model=t5-mini [teacher=DIR loss=fkl]",
     ),
+    Command(
+        "train-mdlm",
+        "SDTT: train a masked diffusion LM (MDLM, DiT) with Ray Train, the teacher",
+        C.TrainMDLMConfig,
+        "distilray.pipelines.train_mdlm:run",
+        example="model=dit-mini steps=1000 dataset=NAME",
+    ),
+    Command(
+        "distill-sdtt",
+        "SDTT: rounds of self-distillation through time from an MDLM teacher, with Ray Train",
+        C.DistillSDTTConfig,
+        "distilray.pipelines.distill_sdtt:run",
+        example="teacher=DIR loss=kld grow_dt_every=500 steps=3000",
+    ),
+    Command(
+        "sample-diffusion",
+        "SDTT: N samples of a diffusion LM (unconditional or prompted) on a Ray Data actor pool, as Parquet",
+        C.SampleDiffusionConfig,
+        "distilray.pipelines.sample_diffusion:run",
+        example="model=DIR num_samples=64 num_steps=32",
+    ),
+    Command(
+        "eval-diffusion",
+        "SDTT: Gen PPL beside entropy, MAUVE, LAMBADA, NFE and time per sample over step counts",
+        C.EvalDiffusionConfig,
+        "distilray.pipelines.eval_diffusion:run",
+        "table",
+        example="model=DIR evaluator=LM_DIR steps=[64,32,16,8]",
+    ),
 )
 
 BENCHMARKS: tuple[Command, ...] = (

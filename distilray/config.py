@@ -357,3 +357,103 @@ class BenchSpeculativeConfig(Config):
     include_t5: bool = True  # the encoder-decoder setting on cnndm (trains its own small T5s)
     json_out: str = ""
     seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------ SDTT
+DiffusionDivergence = Literal["kld", "kl-fwd", "mse", "tvd", "l1-log", "jsd"]
+
+
+@dataclass(frozen=True)
+class TrainMDLMConfig(Config):
+    """`train-mdlm`: a masked diffusion LM (MDLM, DiT backbone) on Ray Train: the SDTT teacher."""
+
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    model: str = "dit-mini"  # distilray.models.mdlm.PRESETS, or a saved MDLM folder to continue from
+    tokenizer: str = ""  # a folder with a mask token; empty: the project's BPE trained on the corpus (cached)
+    vocab_size: int = 4096  # for the trained BPE
+    seq_len: int = 128  # L: blocks are [bos] + L-2 tokens + [eos] (MDLM's convention)
+    batch_size: int = 32  # global, split evenly across workers
+    steps: int = 1000
+    dropout: float = 0.1
+    time_sampling: Literal["mdlm", "sdtt"] = "mdlm"  # antithetic: one uniform per sample, or one per batch
+    sampling_eps: float = 1e-3  # t ~ U[sampling_eps, 1]
+    ema: float = 0.999  # EMA decay of the weights used for sampling (MDLM at scale: 0.9999)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=3e-4, min_lr_ratio=1.0, warmup_steps=100, weight_decay=0.0)
+    )
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval_blocks: int = 64  # validation blocks for the final NELBO bound
+    artifacts_dir: str = run_only("artifacts")
+    name: str = run_only("")  # run name; empty: derived from the model and the config hash
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DistillSDTTConfig(Config):
+    """`distill-sdtt`: rounds of self-distillation through time from an MDLM teacher, on Ray Train."""
+
+    teacher: str = ""  # a train-mdlm model folder (required); its tokenizer and block length are kept
+    loss: DiffusionDivergence = "kld"  # kld: reverse KL, the original's kl-bwd; l1-log: the original's "tvd"
+    num_teacher_steps: int = 2  # m: the student learns in one step what the teacher does in m
+    orig_num_steps: int = 1024  # the first teacher's step count: delta_0 = (1 - eps) / orig_num_steps
+    grow_dt_every: int = 500  # optimizer steps per round; then the teacher takes the student's weights
+    min_sampling_steps: int = 8  # no round whose student would sample with fewer steps
+    teacher_grid: Literal["corrected", "original"] = "corrected"  # original: the released code's time grid
+    float64: bool = True  # Gumbel draws of the teacher trajectory in float64
+    ema: float = 0.999
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    batch_size: int = 32
+    steps: int = 1000  # total optimizer steps (rounds = steps / grow_dt_every)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=3e-4, min_lr_ratio=1.0, warmup_steps=50, weight_decay=0.0)
+    )
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval_blocks: int = 64
+    artifacts_dir: str = run_only("artifacts")
+    output_dir: str = run_only("")  # empty: artifacts_dir/sdtt/<loss>-<hash>
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SampleDiffusionConfig(Config):
+    """`sample-diffusion`: N samples of a masked diffusion LM on a Ray Data actor pool, written as Parquet."""
+
+    model: str = ""  # an MDLM folder: a train-mdlm model or a distill-sdtt round (required)
+    num_samples: int = 32
+    num_steps: int = 64  # ancestral steps per sample
+    prompt_tokens: int = 0  # 0: unconditional; else prompts of this many tokens cut from the corpus test split
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    temperature: float = 1.0
+    float64: bool = True  # Gumbel draws in float64 (fp32 lowers entropy and Gen PPL together)
+    cache_predictions: bool = False  # reuse x_theta when a step revealed nothing (pays only for steps >> L)
+    batch_size: int = 8
+    num_actors: int = 1
+    cpus_per_actor: int = run_only(0)  # 0: the machine's CPUs divided by num_actors (local), 1 on a cluster
+    use_gpu: UseGPU = run_only("auto")
+    output_dir: str = run_only("artifacts/diffusion_samples")
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalDiffusionConfig(Config):
+    """`eval-diffusion`: the pinned harness (Gen PPL beside entropy, MAUVE, LAMBADA, NFE and time per
+    sample against a KV-cached autoregressive model) over step counts, for one diffusion LM."""
+
+    model: str = ""  # an MDLM folder (required)
+    evaluator: str = ""  # a causal LM sharing the tokenizer, scored in fp32 (required for Gen PPL and MAUVE)
+    ar_baseline: str = ""  # a causal LM of similar size: its samples and seconds per sample with a KV cache
+    steps: tuple[int, ...] = (64, 32, 16, 8)
+    num_samples: int = 16
+    batch_size: int = 8
+    temperature: float = 1.0
+    float64: bool = True
+    mauve: bool = True  # samples against held-out blocks of the corpus, both featurized by the evaluator
+    lambada_file: str = ""  # empty: the LAMBADA dev file of ../shared/data; "none": skip LAMBADA
+    lambada_examples: int = 100  # the first N passages (0: all)
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    num_actors: int = 1
+    output_dir: str = run_only("artifacts/diffusion_eval")
+    json_out: str = run_only("")
+    seed: int = 0

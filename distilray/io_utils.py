@@ -4,6 +4,7 @@ under the final name."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -63,3 +64,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """Identifies a model folder's weights (its config and the sizes and times of its safetensors files), or
+    a hub name by itself: what a cache key holds for a model given by path."""
+    p = Path(path)
+    if not p.is_dir():
+        return str(path)
+    h = hashlib.sha256((p / "config.json").read_bytes() if (p / "config.json").is_file() else b"")
+    for f in sorted(p.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:12]

@@ -30,6 +30,18 @@ def pack_tokens(docs_ids: list[list[int]], block_len: int, eos_id: int) -> np.nd
     return flat[: n * block_len].reshape(n, block_len)
 
 
+def bos_eos_blocks(docs_ids: list[list[int]], block_len: int, bos_id: int, eos_id: int) -> np.ndarray:
+    """MDLM's block convention (`wrap`): documents each followed by eos, concatenated, cut into pieces of
+    block_len - 2 tokens, each block [bos] + piece + [eos]. # (N, block_len)
+
+    MDLM drops the remainder of every 1,000-document map batch; here only the corpus's final remainder."""
+    if block_len < 3:
+        raise DistilrayError(f"a block needs bos, a token and eos: block_len must be at least 3, got {block_len}")
+    body = pack_tokens(docs_ids, block_len - 2, eos_id)  # (N, block_len - 2)
+    n = len(body)
+    return np.concatenate([np.full((n, 1), bos_id, np.int32), body, np.full((n, 1), eos_id, np.int32)], axis=1)
+
+
 def flat_tokens(docs_ids: list[list[int]], eos_id: int) -> np.ndarray:
     """All documents as one stream with eos after each. # (T,)"""
     return np.fromiter((t for ids in docs_ids for t in (*ids, eos_id)), dtype=np.int32)
@@ -170,3 +182,19 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+# ------------------------------------------------------------------------------------ EMA
+def ema_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Floating-point parameters and buffers, detached, as the start of an exponential moving average."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, in place."""
+    for k, v in model.state_dict().items():
+        if k in ema:
+            if ema[k].device != v.device:  # the model moved to its device after the copy was taken
+                ema[k] = ema[k].to(v.device)
+            ema[k].mul_(decay).add_(v.detach().to(ema[k].dtype), alpha=1 - decay)

@@ -16,7 +16,6 @@ cross-entropy. Checkpoints, resume and caching work as in train-lm.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 import time
@@ -36,7 +35,7 @@ from distilray.decoding.drafter_api import model_vocab_size
 from distilray.errors import DistilrayError
 from distilray.eval.acceptance import drafter_agreement
 from distilray.generation import sample_continuations
-from distilray.io_utils import atomic_write_json, read_json
+from distilray.io_utils import atomic_write_json, folder_fingerprint, read_json
 from distilray.losses.distillation import distillation_loss
 from distilray.models.causal_lm import load_causal_lm
 from distilray.models.drafters import build_drafter_network, drafter_kind, load_drafter_network, network_logits
@@ -67,22 +66,11 @@ def validate(cfg: DistillDrafterConfig) -> None:
         raise DistilrayError(f"init={cfg.init} is a {drafter_kind(cfg.init)} drafter, not a {cfg.drafter} one")
 
 
-def _target_fingerprint(target: str) -> str:
-    """Identifies the target's weights (a local folder by its files' sizes and config), else its name."""
-    p = Path(target)
-    if not p.is_dir():
-        return target
-    h = hashlib.sha256((p / "config.json").read_bytes() if (p / "config.json").is_file() else b"")
-    for f in sorted(p.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
-
-
 def output_dir_for(cfg: DistillDrafterConfig) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir).resolve()
-    init = _target_fingerprint(cfg.init) if cfg.init else ""
-    key = config_hash(dataclasses.replace(cfg, target=_target_fingerprint(cfg.target), init=init))
+    init = folder_fingerprint(cfg.init) if cfg.init else ""
+    key = config_hash(dataclasses.replace(cfg, target=folder_fingerprint(cfg.target), init=init))
     return Path(cfg.artifacts_dir).resolve() / "drafters" / f"{cfg.drafter}-{cfg.loss}-{cfg.data}-{key}"
 
 

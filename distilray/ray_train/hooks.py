@@ -8,9 +8,9 @@ the arrays the driver put in the object store (already fetched) and `folders` th
 
 Extra state that must survive a restart (a distillation round, dt, a teacher's weights) goes through
 `extra_state` (JSON, stored in the checkpoint's trainer_state.json) and `extra_tensors` (stored in
-extra.safetensors); `load_extra` gets both back on resume. SDTT, for example, returns
-`{"round": r, "dt": dt}` and the teacher's state dict, and swaps the teacher in `after_update` when a
-round ends.
+extra.safetensors); `load_extra` gets both back on resume, with the checkpoint folder for files that
+`save_model` wrote beside the model (EMA weights). SDTT, for example, returns `{"round": r, "delta": d}`
+and the teacher's state dict, and swaps the teacher in `after_update` when a round ends.
 """
 
 from __future__ import annotations
@@ -88,5 +88,5 @@ class TrainerHooks:
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def load_extra(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Restore what `extra_state` and `extra_tensors` saved (called on resume only)."""
+    def load_extra(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], folder: Path) -> None:
+        """Restore what `extra_state`, `extra_tensors` and `save_model` saved (called on resume only)."""

@@ -172,7 +172,7 @@ def restore_into(folder: Path, model, optimizer, hooks: TrainerHooks) -> int:
     """Weights, optimizer and the method's extra state from a checkpoint folder, in place; returns its step."""
     state = load_checkpoint_into(folder, model, optimizer)
     extra = folder / EXTRA_TENSORS
-    hooks.load_extra(state.get("extra", {}), load_file(str(extra)) if extra.is_file() else {})
+    hooks.load_extra(state.get("extra", {}), load_file(str(extra)) if extra.is_file() else {}, folder)
     return int(state["step"])
 
 

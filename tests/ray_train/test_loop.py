@@ -71,7 +71,7 @@ class ToyHooks(TrainerHooks):
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {"teacher": self.teacher}
 
-    def load_extra(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    def load_extra(self, state: dict, tensors: dict[str, torch.Tensor], folder: Path) -> None:
         self.round, self.teacher = state["round"], tensors["teacher"]
 
 
