@@ -152,6 +152,12 @@ class QuickstartConfig(Config):
     spec_gamma: int = 4
     spec_prompts: int = 8
     spec_new_tokens: int = 48
+    sdtt_teacher_model: str = "dit-tiny"  # the MDLM teacher (distilray.models.mdlm.PRESETS)
+    sdtt_seq_len: int = 64
+    sdtt_teacher_steps: int = 300
+    sdtt_distill_steps: int = 100  # one round of self-distillation
+    sdtt_orig_num_steps: int = 64  # the teacher's sampling steps; the round's student samples with half
+    sdtt_samples: int = 16
     seed: int = 0
 
 
