@@ -58,7 +58,7 @@ class DiffusionSampler:
         seconds = (time.perf_counter() - t0) / len(ids)
         return {
             "sample_id": ids,
-            "prompt_ids": np.array(prompts, dtype=object),
+            "prompt_ids": np.stack(prompts),  # (B, P), P = 0 when unconditional
             "token_ids": out.tokens.cpu().numpy().astype(np.int32),
             "text": np.array(self.tokenizer.batch_decode(out.tokens.tolist(), skip_special_tokens=True), dtype=object),
             "steps": np.full(len(ids), out.steps),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -83,6 +84,9 @@ def _run_steps(job: LoopInput, hooks: TrainerHooks, worker: WorkerInfo) -> None:
     model.train()
     for step in range(start, cfg.steps):
         _fail_once_at(job, step, worker.rank)
+        # dropout and any other draw from torch's global generator: a pure function of (seed, step, rank),
+        # so a run resumed at any step draws what an uninterrupted one would
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, worker.rank]).generate_state(1)[0]))
         t0 = time.perf_counter()
         lr = lr_at(step, optim.lr, optim.warmup_steps, cfg.steps, optim.min_lr_ratio)
         batch = hooks.batch(step)
