@@ -5,6 +5,8 @@ trained with Ray Train on the built-in corpus; their test perplexity and a sampl
 Stage 2 (CD-LM): Ray Data extraction, the sharded datastore, retrieval decoding in three modes.
 Stage 3 (speculative decoding): the stage-1 drafter distilled from the target on Ray Train, a
 trigram counted on Ray Data, and greedy speculative decoding against plain decoding.
+Stage 4 (SDTT): an MDLM teacher on Ray Train, one round of self-distillation through time, and
+few-step samples of teacher and student scored by the stage-1 target.
 Later stages add their rows to the same summary.
 """
 
@@ -21,11 +23,13 @@ from distilray.config import (
     BuildDatastoreConfig,
     CDLMGenerateConfig,
     DistillDrafterConfig,
+    DistillSDTTConfig,
     EvalPPLConfig,
     ExtractConfig,
     FitNGramConfig,
     QuickstartConfig,
     TrainLMConfig,
+    TrainMDLMConfig,
     config_from,
 )
 from distilray.generation import generate_text
@@ -35,10 +39,12 @@ from distilray.pipelines import (
     build_datastore,
     cdlm_generate,
     distill_drafter,
+    distill_sdtt,
     eval_ppl,
     extract,
     fit_ngram,
     train_lm,
+    train_mdlm,
     train_tokenizer,
 )
 from distilray.tokenizer import encode_documents, load_tokenizer
@@ -68,7 +74,7 @@ def run(cfg: QuickstartConfig) -> dict:
     rows: list[tuple[str, str, str]] = []  # (stage, figure, value)
     artifacts: dict[str, str] = {}
 
-    _stage("1/3 foundation: a BPE tokenizer, a target and a drafter LM on Ray Train")
+    _stage("1/4 foundation: a BPE tokenizer, a target and a drafter LM on Ray Train")
     t0 = time.perf_counter()
     tok_dir = train_tokenizer.get_or_train(cfg.corpus, cfg.vocab_size, cfg.artifacts_dir)
     tokenizer = load_tokenizer(tok_dir)
@@ -112,14 +118,18 @@ def run(cfg: QuickstartConfig) -> dict:
         artifacts[f"{role} model"] = res["model_dir"]
         artifacts[f"{role} metrics"] = res["metrics_csv"]
 
-    _stage("2/3 CD-LM: Ray Data extraction, the sharded datastore, decoding with chunks")
+    _stage("2/4 CD-LM: Ray Data extraction, the sharded datastore, decoding with chunks")
     cdlm_rows, cdlm_artifacts = cdlm_stage(cfg, models["target"]["model_dir"])
     rows += cdlm_rows
     artifacts.update(cdlm_artifacts)
-    _stage("3/3 speculative decoding: a distilled drafter and a trigram against plain decoding")
+    _stage("3/4 speculative decoding: a distilled drafter and a trigram against plain decoding")
     spec_rows, spec_artifacts = speculative_stage(cfg, models["target"]["model_dir"], models["drafter"]["model_dir"])
     rows += spec_rows
     artifacts.update(spec_artifacts)
+    _stage("4/4 SDTT: an MDLM teacher, one round of self-distillation, few-step samples")
+    sdtt_rows, sdtt_artifacts = sdtt_stage(cfg, tok_dir, models["target"]["model_dir"])
+    rows += sdtt_rows
+    artifacts.update(sdtt_artifacts)
 
     results_path = Path(cfg.artifacts_dir).resolve() / "quickstart" / "results.json"
     artifacts["results"] = str(results_path)
@@ -296,3 +306,70 @@ def format_table(summary: dict) -> str:
     lines += [f"  {k:<16} {v}" for k, v in summary["artifacts"].items()]
     lines += ["", f"total {summary['seconds']} s"]
     return "\n".join(lines)
+
+
+def sdtt_stage(cfg: QuickstartConfig, tok_dir: str, evaluator_dir: str) -> tuple[list[tuple[str, str, str]], dict]:
+    """SDTT: an MDLM teacher on Ray Train, one round of self-distillation (the student learns to take in one
+    step what the teacher takes in two), then samples of both at the teacher's and half its step count,
+    scored by the stage-1 target (fp32, the pinned harness) with their unigram entropy and time per sample."""
+    import torch
+
+    from distilray.decoding.mdlm import sample
+    from distilray.eval.diffusion import gen_ppl
+    from distilray.models.mdlm import load_diffusion_lm
+
+    t0 = time.perf_counter()
+    common = dict(batch_size=32, num_workers=cfg.num_workers, artifacts_dir=cfg.artifacts_dir, seed=cfg.seed)
+    teacher = train_mdlm.run(
+        config_from(
+            TrainMDLMConfig,
+            corpus=cfg.corpus,
+            model=cfg.sdtt_teacher_model,
+            tokenizer=str(tok_dir),
+            seq_len=cfg.sdtt_seq_len,
+            steps=cfg.sdtt_teacher_steps,
+            lr=1e-3,
+            warmup_steps=30,
+            checkpoint_every=max(1, cfg.sdtt_teacher_steps // 2),
+            **common,
+        )
+    )
+    distilled = distill_sdtt.run(
+        config_from(
+            DistillSDTTConfig,
+            teacher=teacher["model_dir"],
+            corpus=cfg.corpus,
+            orig_num_steps=cfg.sdtt_orig_num_steps,
+            grow_dt_every=cfg.sdtt_distill_steps,
+            steps=cfg.sdtt_distill_steps,
+            lr=3e-4,
+            warmup_steps=10,
+            checkpoint_every=cfg.sdtt_distill_steps,
+            **common,
+        )
+    )
+    evaluator = load_causal_lm(evaluator_dir, dtype=torch.float32)
+    full, few = cfg.sdtt_orig_num_steps, distilled["sampling_steps"]["1"]
+    label, rows = "SDTT", []
+    rows.append((label, "teacher val NELBO bound (ppl)", f"{teacher['val_ppl_bound']:.1f}"))
+    cases = (
+        ("teacher", teacher["model_dir"], full),
+        ("teacher", teacher["model_dir"], few),
+        ("student r1", distilled["students"]["1"], few),
+    )
+    seconds = {}
+    for name, folder, steps in cases:
+        model = load_diffusion_lm(folder)
+        out = sample(model, cfg.sdtt_samples, steps, generator=torch.Generator().manual_seed(cfg.seed))
+        scored = gen_ppl(evaluator, out.tokens)
+        seconds[(name, steps)] = out.seconds / cfg.sdtt_samples
+        rows.append(
+            (label, f"{name} @ {steps} steps: gen ppl / entropy", f"{scored['gen_ppl']:.1f} / {scored['entropy']:.3f}")
+        )
+    speedup = seconds[("teacher", full)] / seconds[("student r1", few)]
+    rows.append((label, f"student @ {few} vs teacher @ {full}: time/sample", f"{speedup:.2f}x faster"))
+    rows.append((label, "seconds", f"{time.perf_counter() - t0:.1f}"))
+    home = Path(cfg.artifacts_dir).resolve() / "quickstart" / "sdtt"
+    _link(home / "teacher", teacher["model_dir"])  # stable paths for serve_config.yaml
+    _link(home / "student", distilled["students"]["1"])
+    return rows, {"sdtt teacher": str(home / "teacher"), "sdtt student": str(home / "student")}
