@@ -233,4 +233,9 @@ def test_serve_config() -> None:
 
     args = parse_args(spec["args"])  # every arg is one the app accepts, and the values pass its checks
     assert args.default_drafter in args.drafters and set(args.drafters) == {"ngram3", "transformer"}
+    diffusion = apps["diffusion"]
+    assert diffusion["import_path"] == "distilray.serve_apps.diffusion:app"
+    from distilray.serve_apps.diffusion import parse_args as parse_diffusion_args
+
+    assert parse_diffusion_args(diffusion["args"]).model == "artifacts/quickstart/sdtt/student"  # the quickstart's
     assert len({a["route_prefix"] for a in apps.values()}) == len(apps)  # one prefix per application
