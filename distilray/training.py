@@ -190,6 +190,12 @@ def ema_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay after `updates` updates, warmed up as min(decay, (1 + n) / (10 + n)): without the warm-up a
+    short run's average (0.999 over a few hundred steps) would still be mostly its random initial weights."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * weights, in place."""

@@ -55,3 +55,19 @@ def test_checkpoint_roundtrip_and_corruption(small_tokenizer, tmp_path):
     (tmp_path / "ck" / "trainer_state.json").write_text("{")
     with pytest.raises(DistilrayError, match="corrupt or incomplete"):
         load_checkpoint_into(tmp_path / "ck", fresh, fresh_opt)
+
+
+def test_ema_warms_up_then_holds_its_decay():
+    from distilray.training import ema_copy, ema_decay, ema_update
+
+    assert ema_decay(0.999, 0) == pytest.approx(0.1) and ema_decay(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay(0.999, 10**6) == 0.999
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema = ema_copy(model)
+    with torch.no_grad():
+        model.weight.fill_(6.0)
+    ema_update(ema, model, 0.75)
+    assert torch.allclose(ema["weight"], torch.full((1, 2), 0.75 * 2.0 + 0.25 * 6.0))
+    assert torch.equal(model.weight, torch.full((1, 2), 6.0))  # the average is a copy

@@ -25,7 +25,7 @@ from distilray.models.mdlm import EMA_FILE, PRESETS, build_mdlm, load_mdlm
 from distilray.pipelines import train_tokenizer
 from distilray.ray_train import TrainerHooks, TrainJob, cached_result, train
 from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
-from distilray.training import batch_rows, bos_eos_blocks, ema_copy, ema_update
+from distilray.training import batch_rows, bos_eos_blocks, ema_copy, ema_decay, ema_update
 
 
 def run_dir_for(cfg: TrainMDLMConfig) -> Path:
@@ -125,7 +125,7 @@ class DiffusionHooks(TrainerHooks):
         return self.cfg.batch_size * int(self.data["train"].shape[1])
 
     def after_update(self, done: int, model) -> None:
-        ema_update(self.ema, model, self.cfg.ema)
+        ema_update(self.ema, model, ema_decay(self.cfg.ema, done))  # done: a pure function of the step
 
     def save_model(self, model, folder: Path) -> None:
         super().save_model(model, folder)
