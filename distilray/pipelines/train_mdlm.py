@@ -90,6 +90,7 @@ def run(cfg: TrainMDLMConfig) -> dict:
     )
 
 
+@torch.no_grad()
 def validation_nelbo(model, blocks: np.ndarray, mask_id: int, seed: int, batch_size: int = 16) -> float:
     """NELBO per token on held-out blocks, times drawn with a fixed seed (an upper bound on the NLL)."""
     generator = torch.Generator().manual_seed(seed)
