@@ -177,6 +177,15 @@ BENCHMARKS: tuple[Command, ...] = (
         "table",
         example="--json OUT",
     ),
+    Command(
+        "sdtt",
+        "SDTT: teacher and students of every divergence, Gen PPL beside entropy and MAUVE against steps, LAMBADA, "
+        "AR baselines",
+        C.BenchSDTTConfig,
+        "distilray.bench.sdtt:run",
+        "table",
+        example="--json OUT",
+    ),
 )
 
 

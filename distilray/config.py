@@ -463,3 +463,36 @@ class EvalDiffusionConfig(Config):
     output_dir: str = run_only("artifacts/diffusion_eval")
     json_out: str = run_only("")
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchSDTTConfig(Config):
+    """`distilray bench sdtt`: an MDLM teacher and its SDTT students (one run per divergence, plus the
+    original-grid ablation) sampled and scored side by side in one harness, against steps."""
+
+    artifacts_dir: str = "artifacts"
+    eval_data: str = ""  # held-out text for MAUVE's references (its test split); empty: the built-in corpus
+    teacher_model: str = "dit-tiny"  # distilray.models.mdlm.PRESETS
+    seq_len: int = 64
+    teacher_steps: int = 600
+    teacher_lr: float = 1e-3
+    teacher_ema: float = 0.99  # the sampled weights average about the last 100 of 600 steps
+    distill_steps: int = 40  # optimizer steps per round (grow_dt_every)
+    rounds: int = 3  # students sample with orig_num_steps / 2, / 4, / 8
+    orig_num_steps: int = 64  # the teacher's largest step count (delta_0 = (1 - eps) / orig_num_steps)
+    distill_lr: float = 3e-4
+    distill_ema: float = 0.9  # rounds are short: the sampled (EMA) student must follow the raw weights
+    batch_size: int = 32  # the teacher's
+    distill_batch_size: int = 16  # the students': a distillation step costs two teacher passes more
+    divergences: tuple[str, ...] = ("kld", "kl-fwd", "mse", "tvd", "l1-log", "jsd")
+    grid_ablation: bool = True  # also the kld run on the released code's teacher grid (teacher_grid=original)
+    steps: tuple[int, ...] = (64, 32, 16, 8, 4)  # rows: the teacher at each; a student at its own count and below
+    num_samples: int = 64  # unconditional samples per (model, steps)
+    sample_batch_size: int = 32
+    threads: int = 1  # torch threads while sampling and timing (diffusion and AR alike)
+    mauve: bool = True
+    lambada_examples: int = 100  # the first N passages of LAMBADA dev (0: skip LAMBADA)
+    lambada_all_rounds: bool = False  # LAMBADA for every round's student; False: the teacher and each run's last
+    speed_repeats: int = 3  # alternating timings of teacher (full steps) and final kld student: median
+    json_out: str = ""
+    seed: int = 0

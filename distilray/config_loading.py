@@ -195,13 +195,22 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             if f"{prefix}{name}" in values:
                 raise DistilrayError(f"config key {prefix}{name!r} is a section; set {prefix}{name}.<key> instead")
             if sub:
-                kwargs[name] = _build(hint, sub, f"{prefix}{name}.")
+                # start from this command's own default section (its lr, warm-up, ...), not the section class's
+                default = _field_default(fields[name])
+                base = _flatten(dataclasses.asdict(default), f"{prefix}{name}.") if default is not None else {}
+                kwargs[name] = _build(hint, {**base, **sub}, f"{prefix}{name}.")
         elif f"{prefix}{name}" in values:
             kwargs[name] = _coerce(f"{prefix}{name}", values[f"{prefix}{name}"], hint)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise DistilrayError(f"bad config for {cls.__name__}: {e}") from None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

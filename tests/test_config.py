@@ -139,3 +139,10 @@ def test_one_rule_for_the_cache_key():
     assert len({config_hash(c) for c in changed} | {config_hash(base)}) == 4
     keyed = cache_key_fields(DistillDrafterConfig())
     assert "scale" not in keyed and "checkpoint" not in keyed and "pseudo_actors" not in keyed and "optim" in keyed
+
+
+def test_a_section_key_keeps_the_commands_own_section_defaults():
+    # distill-drafter's optimizer defaults (lr 2e-3, no weight decay) differ from the section class's
+    cfg = load_config(DistillDrafterConfig, None, ["warmup_steps=7"])
+    assert (cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.weight_decay) == (7, 2e-3, 0.0)
+    assert config_from(DistillDrafterConfig, lr=5e-4).optim.weight_decay == 0.0

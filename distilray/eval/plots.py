@@ -37,3 +37,87 @@ def acceptance_vs_gamma(scan: dict[str, dict[int, dict]], path: str | Path, titl
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    return path
+
+
+def quality_vs_steps(
+    curves: dict[str, dict[int, dict]], path: str | Path, title: str, baselines: dict[str, dict] | None = None
+) -> Path:
+    """Two panels over sampling steps (log scale, fewer steps to the right): Gen PPL and unigram entropy.
+
+    curves: name -> steps -> {"gen_ppl", "entropy"}; a curve named "teacher" is drawn in black.
+    baselines: name -> {"gen_ppl", "entropy"} drawn as dashed horizontal lines (autoregressive models).
+    """
+    plt = _pyplot()
+    fig, (ax_p, ax_h) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, by_steps) in enumerate(curves.items()):
+        steps = sorted(by_steps, reverse=True)
+        if not steps:
+            continue
+        style = {"color": "black", "lw": 2.2} if name == "teacher" else {"color": f"C{i % 10}", "lw": 1.2}
+        ax_p.plot(steps, [by_steps[s]["gen_ppl"] for s in steps], "o-", label=name, **style)
+        ax_h.plot(steps, [by_steps[s]["entropy"] for s in steps], "o-", label=name, **style)
+    for j, (name, figures) in enumerate((baselines or {}).items()):
+        style = {"color": "grey", "lw": 1.0, "ls": ("--", ":", "-.")[j % 3], "label": name}
+        ax_p.axhline(figures["gen_ppl"], **style)
+        ax_h.axhline(figures["entropy"], **style)
+    ticks = sorted({s for by_steps in curves.values() for s in by_steps})
+    for ax, label in ((ax_p, "generative perplexity"), (ax_h, "unigram entropy (nats)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(s) for s in ticks])
+        ax.minorticks_off()
+        ax.invert_xaxis()
+        ax.set(xlabel="sampling steps", ylabel=label)
+    ax_p.set_yscale("log")
+    ax_p.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def loss_per_round(curves: dict[str, list[tuple[int, float, int]]], path: str | Path, title: str) -> Path:
+    """One panel per distillation run: the loss at every optimizer step, coloured by round.
+
+    curves: run name -> [(step, loss, round)], round 1-based.
+    """
+    plt = _pyplot()
+    n = max(1, len(curves))
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, points) in zip(axes.flat, curves.items()):
+        for k in sorted({p[2] for p in points}):
+            xs = [p[0] for p in points if p[2] == k]
+            ys = [p[1] for p in points if p[2] == k]
+            ax.plot(xs, ys, lw=0.9, color=f"C{(k - 1) % 10}", label=f"round {k}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if points and min(p[1] for p in points) > 0:
+            ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(curves) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

@@ -58,20 +58,22 @@ def run(cfg: EvalDiffusionConfig) -> dict:
                 "steps": steps,
                 "nfe": out["mean_nfe"],
                 "seconds_per_sample": out["seconds_per_sample"],
-                **_quality(evaluator, samples, ref_features),
+                **sample_quality(evaluator, samples, ref_features),
             }
         )
     result = {"model": cfg.model, "seq_len": seq_len, "rows": rows, "harness": {**HARNESS, "evaluator": cfg.evaluator}}
     if cfg.lambada_file != "none":
-        result["lambada"] = _lambada(cfg, model, tokenizer)
+        result["lambada"] = lambada_scores(model, tokenizer, cfg.lambada_file, cfg.lambada_examples, cfg.seed)
     if cfg.ar_baseline:
-        result["ar"] = _autoregressive(cfg, tokenizer, evaluator, ref_features, seq_len)
+        result["ar"] = autoregressive_baseline(
+            cfg.ar_baseline, tokenizer, evaluator, ref_features, seq_len, cfg.num_samples, cfg.batch_size, cfg.seed
+        )
     if cfg.json_out:
         atomic_write_json(Path(cfg.json_out), result)
     return result
 
 
-def _quality(evaluator, samples: torch.Tensor, ref_features: np.ndarray | None) -> dict:
+def sample_quality(evaluator, samples: torch.Tensor, ref_features: np.ndarray | None) -> dict:
     """Gen PPL and entropy under the harness; MAUVE against the references when asked for."""
     scored = gen_ppl(evaluator, samples)
     out = {"gen_ppl": scored["gen_ppl"], "entropy": scored["entropy"]}
@@ -80,11 +82,12 @@ def _quality(evaluator, samples: torch.Tensor, ref_features: np.ndarray | None) 
     return out
 
 
-def _lambada(cfg: EvalDiffusionConfig, model, tokenizer) -> dict:
-    """LAMBADA last-word accuracy and per-word perplexity (reference/sdtt.md 3), on the first N passages."""
-    texts = lambada_examples(cfg.lambada_file or None)
-    texts = texts[: cfg.lambada_examples] if cfg.lambada_examples else texts
-    examples = tokenize_lambada(texts, tokenizer)
+def lambada_scores(model, tokenizer, lambada_file: str = "", examples: int = 100, seed: int = 0) -> dict:
+    """LAMBADA last-word accuracy and per-word perplexity (reference/sdtt.md 3) of an MDLM, on the first
+    `examples` passages (0: all) of `lambada_file` (empty: the dev file of ../shared/data)."""
+    texts = lambada_examples(lambada_file or None)
+    texts = texts[:examples] if examples else texts
+    ids_of = tokenize_lambada(texts, tokenizer)
     mask_id = model.config.mask_id
 
     def log_probs(z: torch.Tensor) -> torch.Tensor:
@@ -92,35 +95,44 @@ def _lambada(cfg: EvalDiffusionConfig, model, tokenizer) -> dict:
             return subs_log_probs(model(z), z, mask_id)
 
     ids = (mask_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(seed)
     return {
-        "examples": len(examples),
-        "accuracy": lambada_accuracy(log_probs, examples, *ids, max_len=model.config.seq_len),
-        "ppl": lambada_ppl(log_probs, examples, *ids, generator, max_len=model.config.seq_len),
-        "file": cfg.lambada_file or "lambada dev (../shared/data)",
+        "examples": len(ids_of),
+        "accuracy": lambada_accuracy(log_probs, ids_of, *ids, max_len=model.config.seq_len),
+        "ppl": lambada_ppl(log_probs, ids_of, *ids, generator, max_len=model.config.seq_len),
+        "file": lambada_file or "lambada dev (../shared/data)",
     }
 
 
-def _autoregressive(cfg: EvalDiffusionConfig, tokenizer, evaluator, ref_features, seq_len: int) -> dict:
+def autoregressive_baseline(
+    ar_dir: str,
+    tokenizer,
+    evaluator,
+    ref_features: np.ndarray | None,
+    seq_len: int,
+    num_samples: int,
+    batch_size: int,
+    seed: int = 0,
+) -> dict:
     """The AR baseline: seq_len tokens per sample from [bos], sampled at temperature 1 with its KV cache."""
-    check_same_tokenizer(tokenizer, load_tokenizer(cfg.ar_baseline), "the diffusion LM and the AR baseline")
-    ar = load_causal_lm(cfg.ar_baseline, device="cpu", dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    prompts = torch.full((cfg.num_samples, 1), tokenizer.bos_token_id, dtype=torch.long)
+    check_same_tokenizer(tokenizer, load_tokenizer(ar_dir), "the diffusion LM and the AR baseline")
+    ar = load_causal_lm(ar_dir, device="cpu", dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.full((num_samples, 1), tokenizer.bos_token_id, dtype=torch.long)
     t0 = time.perf_counter()
     samples = torch.cat(
         [
-            sample_continuations(ar, prompts[i : i + cfg.batch_size], seq_len - 1, 1.0, generator)
-            for i in range(0, cfg.num_samples, cfg.batch_size)
+            sample_continuations(ar, prompts[i : i + batch_size], seq_len - 1, 1.0, generator)
+            for i in range(0, num_samples, batch_size)
         ]
     )
-    seconds = (time.perf_counter() - t0) / cfg.num_samples
+    seconds = (time.perf_counter() - t0) / num_samples
     return {
-        "model": cfg.ar_baseline,
+        "model": ar_dir,
         "parameters": count_parameters(ar),
         "nfe": seq_len - 1,
         "seconds_per_sample": seconds,
-        **_quality(evaluator, samples, ref_features),
+        **sample_quality(evaluator, samples, ref_features),
     }
 
 
