@@ -24,6 +24,7 @@ import torch
 from distilray.config import DistillSDTTConfig, config_hash, replace_keys
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_dir, atomic_write_json, folder_fingerprint
+from distilray.losses import sdtt
 from distilray.losses.mdlm import SAMPLER_EPS, mask_tokens, sample_times, subs_log_probs
 from distilray.losses.sdtt import delta_for_round, sdtt_loss, teacher_targets
 from distilray.models.mdlm import EMA_FILE, load_diffusion_lm, load_mdlm
@@ -42,17 +43,13 @@ def output_dir_for(cfg: DistillSDTTConfig) -> Path:
 
 def num_rounds(cfg: DistillSDTTConfig) -> int:
     """Rounds that fit in `steps`, stopping before a student would sample with fewer than min_sampling_steps."""
-    rounds = 0
-    while (rounds + 1) * cfg.grow_dt_every <= cfg.steps:
-        if cfg.orig_num_steps / cfg.num_teacher_steps ** (rounds + 1) < cfg.min_sampling_steps:
-            break
-        rounds += 1
-    return rounds
+    schedule = sdtt.num_rounds(cfg.orig_num_steps, cfg.num_teacher_steps, cfg.min_sampling_steps)
+    return min(cfg.steps // cfg.grow_dt_every, schedule)
 
 
 def student_sampling_steps(cfg: DistillSDTTConfig, round_index: int) -> int:
     """The step count the student of round r (1-based: after r rounds) is meant to sample with."""
-    return max(1, round(cfg.orig_num_steps / cfg.num_teacher_steps**round_index))
+    return sdtt.sampling_steps_for_round(round_index - 1, cfg.orig_num_steps, cfg.num_teacher_steps)
 
 
 def validate(cfg: DistillSDTTConfig) -> None:
