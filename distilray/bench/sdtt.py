@@ -50,6 +50,7 @@ from distilray.eval.diffusion import HARNESS
 from distilray.eval.mauve import mean_hidden_features
 from distilray.eval.plots import loss_per_round, quality_vs_steps
 from distilray.io_utils import atomic_write_json
+from distilray.losses.mdlm import categorical
 from distilray.models.causal_lm import count_parameters, load_causal_lm
 from distilray.models.mdlm import load_diffusion_lm
 from distilray.pipelines import distill_sdtt, train_lm, train_mdlm, train_tokenizer
@@ -137,10 +138,15 @@ def prepare(cfg: BenchSDTTConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------- measuring
-def diffusion_samples(model, steps: int, n: int, batch_size: int, seed: int) -> tuple[torch.Tensor, float, float]:
-    """n unconditional samples (float64 Gumbel) in this process: (samples (n, L), mean NFE, seconds per sample)."""
+def diffusion_samples(
+    model, steps: int, n: int, batch_size: int, seed: int, float64: bool = True
+) -> tuple[torch.Tensor, float, float]:
+    """n unconditional samples in this process: (samples (n, L), mean NFE, seconds per sample)."""
     generator = torch.Generator().manual_seed(seed)
-    outs = [sample(model, min(batch_size, n - i), steps, generator=generator) for i in range(0, n, batch_size)]
+    outs = [
+        sample(model, min(batch_size, n - i), steps, generator=generator, float64=float64)
+        for i in range(0, n, batch_size)
+    ]
     tokens = torch.cat([o.tokens for o in outs]).cpu()
     nfe = sum(o.nfe * len(o.tokens) for o in outs) / n
     return tokens, nfe, sum(o.seconds for o in outs) / n
@@ -185,6 +191,40 @@ def speed(cfg: BenchSDTTConfig, teacher, student, full: int, few: int) -> dict:
         "speedup": t / s,
         "repeats": len(teacher_s),
         "batch_size": n,
+    }
+
+
+def gumbel_precision(cfg: BenchSDTTConfig, teacher, evaluator, steps: int) -> dict:
+    """What float64 draws cost against float32 (reference/sdtt.md 6.2), timed in alternation (medians):
+    the draw alone on one (batch, L, V) block of probabilities, and whole samples of the teacher at `steps`,
+    with the quality of each precision's samples beside it (fp32 truncates the Gumbel tail)."""
+    n, vocab = cfg.sample_batch_size, teacher.config.vocab_size
+    probs = torch.softmax(torch.randn(n, cfg.seq_len, vocab, generator=torch.Generator().manual_seed(cfg.seed)), -1)
+    draw: dict[bool, list[float]] = {True: [], False: []}
+    whole: dict[bool, list[float]] = {True: [], False: []}
+    for k in range(max(3, cfg.speed_repeats)):
+        for f64 in (True, False):
+            g = torch.Generator().manual_seed(cfg.seed + k)
+            start = time.perf_counter()
+            for _ in range(10):
+                categorical(probs, g, float64=f64)
+            draw[f64].append((time.perf_counter() - start) / 10)
+            whole[f64].append(diffusion_samples(teacher, steps, n, n, cfg.seed + 31 + k, float64=f64)[2])
+    quality = {
+        f64: sample_quality(
+            evaluator, diffusion_samples(teacher, steps, cfg.num_samples, n, cfg.seed + 77, float64=f64)[0], None
+        )
+        for f64 in (True, False)
+    }
+    med = {f64: (statistics.median(draw[f64]), statistics.median(whole[f64])) for f64 in (True, False)}
+    return {
+        "steps": steps,
+        "draw_shape": [n, cfg.seq_len, vocab],
+        "draw_seconds": {"float64": med[True][0], "float32": med[False][0]},
+        "draw_ratio_fp64_over_fp32": med[True][0] / med[False][0],
+        "sample_seconds_per_sample": {"float64": med[True][1], "float32": med[False][1]},
+        "sample_ratio_fp64_over_fp32": med[True][1] / med[False][1],
+        "quality": {"float64": quality[True], "float32": quality[False]},
     }
 
 
@@ -272,6 +312,7 @@ def measure(cfg: BenchSDTTConfig, prepared: dict) -> dict:
         "lambada_examples": next(iter(lambada.values()))["examples"] if lambada else 0,
         "ar": ar,
         "speed": speed(cfg, teacher, final, full, max(1, full // 2**rounds)) if final is not None else {},
+        "gumbel_precision": gumbel_precision(cfg, teacher, evaluator, full),
         "teacher_resample": {"steps": max(1, full // 8), **sample_quality(evaluator, resampled, None)},
         "harness": {**HARNESS, "evaluator": evaluator_dir, "evaluator_parameters": count_parameters(evaluator)},
         "parameters": parameters,

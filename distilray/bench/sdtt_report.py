@@ -170,6 +170,15 @@ def format_table(r: dict) -> str:
             f"sampling noise: teacher at {tr['steps']} steps with other draws: Gen PPL {tr['gen_ppl']:.2f}, "
             f"entropy {tr['entropy']:.3f}"
         )
+    gp = r.get("gumbel_precision")
+    if gp:
+        q64, q32 = gp["quality"]["float64"], gp["quality"]["float32"]
+        lines.append(
+            f"float64 vs float32 draws: the draw alone {gp['draw_ratio_fp64_over_fp32']:.2f}x the time "
+            f"({'x'.join(map(str, gp['draw_shape']))}), a whole teacher sample at {gp['steps']} steps "
+            f"{gp['sample_ratio_fp64_over_fp32']:.2f}x; Gen PPL {q64['gen_ppl']:.2f} (H {q64['entropy']:.3f}) "
+            f"vs {q32['gen_ppl']:.2f} (H {q32['entropy']:.3f})"
+        )
     if r.get("lambada_acc"):
         lines.append(f"LAMBADA ({r['lambada_examples']} dev passages, cut to L={s['seq_len']}):")
         lines.append(f"  {'model':<32}{'accuracy':>9}{'word ppl':>12}")

@@ -1,6 +1,8 @@
 """The SDTT benchmark's pieces that train nothing: configs, the models and steps it scores, goals on a fake
 result, the table and the plots (the whole benchmark trains for many minutes)."""
 
+import math
+
 import pytest
 
 from distilray.bench import sdtt as bench_sdtt
@@ -154,3 +156,25 @@ def test_plots_are_written(tmp_path):
 def test_prepare_refuses_rounds_below_one_step():
     with pytest.raises(DistilrayError, match="below one step"):
         bench_sdtt.prepare(BenchSDTTConfig(rounds=7))  # 64 / 2^7 < 1: refused before anything trains
+
+
+def test_gumbel_precision_times_both_precisions_and_scores_their_samples():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from distilray.models.mdlm import build_mdlm
+
+    torch.manual_seed(0)
+    teacher = build_mdlm("dit-micro", 33, 32, 16).eval()  # 32 real tokens + [MASK]
+    evaluator = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    cfg = BenchSDTTConfig(seq_len=16, sample_batch_size=4, num_samples=8, speed_repeats=1)
+    gp = bench_sdtt.gumbel_precision(cfg, teacher, evaluator, steps=4)
+    assert gp["draw_shape"] == [4, 16, 33]
+    for key in ("draw_seconds", "sample_seconds_per_sample"):
+        assert gp[key]["float64"] > 0 and gp[key]["float32"] > 0
+    assert gp["draw_ratio_fp64_over_fp32"] == gp["draw_seconds"]["float64"] / gp["draw_seconds"]["float32"]
+    for q in gp["quality"].values():
+        assert q["gen_ppl"] > 1 and 0 < q["entropy"] <= math.log(32)
+    r = fake_result()
+    r["gumbel_precision"], r["goals"] = gp, bench_sdtt.compute_goals(r)
+    assert "float64 vs float32 draws" in bench_sdtt.format_table(r)
