@@ -150,6 +150,27 @@ COMMANDS: tuple[Command, ...] = (
         "table",
         example="model=DIR evaluator=LM_DIR steps=[64,32,16,8]",
     ),
+    Command(
+        "prepare-long",
+        "Token weighting: cut long documents into BOS + (L-1)-token sequences (Parquet), held-out documents kept",
+        C.PrepareLongConfig,
+        "distilray.pipelines.prepare_long:run",
+        example="dataset=gutenberg seq_len=2048",
+    ),
+    Command(
+        "train-long",
+        "Token weighting: long-context training with Dense/Sparse/LongCE/PPMI/NPMI weights, self or frozen scoring",
+        C.TrainLongConfig,
+        "distilray.pipelines.train_long:run",
+        example="init=DIR seq_len=2048 weighting.variant=dense weighting.scorer=self",
+    ),
+    Command(
+        "eval-long",
+        "Token weighting: long PPL by position, LongPPL, pass-key and key-value recall, short-context PPL",
+        C.EvalLongConfig,
+        "distilray.pipelines.eval_long:run",
+        example="models=[DIR,DIR] data=DIR evaluator=DIR",
+    ),
 )
 
 BENCHMARKS: tuple[Command, ...] = (
@@ -183,6 +204,15 @@ BENCHMARKS: tuple[Command, ...] = (
         "AR baselines",
         C.BenchSDTTConfig,
         "distilray.bench.sdtt:run",
+        "table",
+        example="--json OUT",
+    ),
+    Command(
+        "token-weighting",
+        "Token weighting: every variant (frozen and self scoring) from one short start: long PPL, LongPPL, "
+        "pass-key and key-value recall, short PPL, training time",
+        C.BenchTokenWeightingConfig,
+        "distilray.bench.token_weighting:run",
         "table",
         example="--json OUT",
     ),

@@ -32,6 +32,7 @@ from distilray.config_loading import (  # noqa: F401
 
 UseGPU = Literal["auto", "true", "false"]
 Divergence = Literal["fkl", "rkl", "jsd", "tvd"]
+WeightingVariant = Literal["uniform", "dense", "sparse", "longce", "ppmi", "npmi", "custom"]
 
 
 # --------------------------------------------------------------------------------------- pieces
@@ -158,6 +159,17 @@ class QuickstartConfig(Config):
     sdtt_distill_steps: int = 100  # one round of self-distillation
     sdtt_orig_num_steps: int = 64  # the teacher's sampling steps; the round's student samples with half
     sdtt_samples: int = 16
+    long_dataset: str = "gutenberg"  # long documents (../shared/data), one held out for the test
+    long_start_model: str = "llama-tiny"  # distilray.models.rotary_lm.LLAMA_PRESETS
+    long_base_length: int = 128  # the start's context, and b of the weighting
+    long_seq_len: int = 512  # the extended context
+    long_start_steps: int = 200
+    long_steps: int = 40  # extension steps, uniform and weighted alike
+    long_rope_theta: float = 40_000.0
+    long_variant: WeightingVariant = "dense"
+    long_max_sequences: int = 0  # cap on the prepared training sequences (0: all)
+    long_eval_sequences: int = 8
+    long_probes: int = 6  # pass-key probes per distance and depth
     seed: int = 0
 
 
@@ -494,5 +506,132 @@ class BenchSDTTConfig(Config):
     lambada_examples: int = 100  # the first N passages of LAMBADA dev (0: skip LAMBADA)
     lambada_all_rounds: bool = False  # LAMBADA for every round's student; False: the teacher and each run's last
     speed_repeats: int = 3  # alternating timings of teacher (full steps) and final kld student: median
+    json_out: str = ""
+    seed: int = 0
+
+
+# ------------------------------------------------------------------ token-weighted long context
+@dataclass(frozen=True)
+class PrepareLongConfig(Config):
+    """`prepare-long`: long documents cut into BOS + (seq_len - 1) token sequences, one document per sequence,
+    no token dropped between chunks, held-out documents kept whole (Parquet + meta.json)."""
+
+    dataset: str = "gutenberg"  # ../shared/data name, any folder or file of text, hf:NAME, or pg19
+    text_field: str = "text"
+    tokenizer: str = ""  # a tokenizer or model folder; empty: the project's BPE trained on `dataset` (cached)
+    vocab_size: int = 4096  # for that BPE
+    seq_len: int = 2048
+    validation_documents: int = 1
+    test_documents: int = 1
+    max_sequences: int = 0  # cap on training sequences (0: all)
+    output_dir: str = run_only("")  # empty: artifacts_dir/long_data/<dataset>-<seq_len>-<hash>
+    artifacts_dir: str = run_only("artifacts")
+    overwrite: bool = run_only(False)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class WeightingConfig(Config):
+    """Per-token loss weights from log(p_short / p_long) (reference/token_weighting.md 4): one of the paper's
+    variants with its parameter, or `custom` with every step given. A parameter the variant does not use is
+    an error, never silently ignored."""
+
+    variant: WeightingVariant = choice("dense", "uniform: plain cross-entropy; custom: transforms + steps below")
+    lam: float | None = None  # dense: interpolation lambda (0.75); custom: interpolation
+    kappa: float | None = None  # sparse, ppmi, npmi: top-kappa share (0.25); custom: sparsification
+    gamma: float | None = None  # longce: truncation (5.0); custom: truncation
+    shift: float | None = None  # ppmi, npmi: s in `shift s` (1.0)
+    transforms: tuple[str, ...] = ()  # custom only: absolute, minus, exp, max, shift:C (applied in order)
+    normalization: Literal["", "none", "l1", "softmax"] = ""  # custom only ("" = none)
+    scorer: Literal["self", "frozen"] = "self"  # self: the trained model scores itself (unfrozen)
+    scorer_model: str = ""  # frozen: the scorer's folder; empty: the short-context start (`init`)
+    base_length: int = 512  # b: short-context window
+    base_stride: int = 384  # s: (seq_len - b) % s == 0; (1 - b/L) b gives L/b extra passes
+    windows_per_pass: int = run_only(8)  # short windows stacked into one no-grad forward pass
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from distilray.losses.token_weighting import custom_or_preset
+
+        custom_or_preset(self)  # one clear error for a combination that is refused
+
+
+@dataclass(frozen=True)
+class TrainLongConfig(Config):
+    """`train-long`: a rotary-position causal LM trained at `seq_len` with token-weighted cross-entropy,
+    from scratch (a short-context start) or extended from `init` (context extension)."""
+
+    data: str = ""  # a prepare-long folder; empty: prepare `dataset` at `data_seq_len` (cached)
+    dataset: str = "gutenberg"
+    data_seq_len: int = 2048  # length of the prepared sequences; training rows are cut to seq_len
+    init: str = ""  # the model to extend (a rotary causal LM folder); empty: a fresh `model`
+    model: str = "llama-mini"  # distilray.models.rotary_lm.LLAMA_PRESETS, when init is empty
+    tokenizer: str = ""  # with init empty: a tokenizer folder; empty: the project's BPE on `dataset`
+    vocab_size: int = 4096
+    seq_len: int = 2048
+    rope_theta: float = 0.0  # 0: keep the start's (10000 for a fresh model)
+    rope_type: Literal["default", "linear"] = "default"  # linear: position interpolation by rope_factor
+    rope_factor: float = 1.0
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    batch_size: int = 4  # global, split evenly across workers
+    steps: int = 100
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=3e-4, min_lr_ratio=1.0, warmup_steps=20, weight_decay=0.01)
+    )
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval_sequences: int = 8  # validation sequences for the final perplexity by position
+    artifacts_dir: str = run_only("artifacts")
+    name: str = run_only("")  # run name; empty: derived from the variant and the config hash
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalLongConfig(Config):
+    """`eval-long`: long-context perplexity by position, LongPPL, passkey and key-value recall, short-context
+    perplexity, for one or more models on the held-out documents of a prepare-long folder."""
+
+    models: tuple[str, ...] = ()  # model folders (required)
+    data: str = ""  # a prepare-long folder (its test documents)
+    split: Literal["validation", "test"] = "test"
+    evaluator: str = ""  # LongPPL's evaluator model folder; empty: LongPPL not computed
+    short_length: int = 256  # LongPPL's K
+    short_step: int = 128  # LongPPL's d
+    base_length: int = 512  # the position-bucket boundary (the training's b)
+    sequences: int = 16  # held-out sequences for the long perplexity (0: all)
+    probe_distances: tuple[int, ...] = (128, 512, 1024)  # tokens between fact and question (those that fit)
+    probes_per_distance: int = 10
+    short_context: int = 256  # context of the short-context perplexity
+    short_tokens: int = 20_000
+    output: str = ""  # optional JSON file
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchTokenWeightingConfig(Config):
+    """`distilray bench token-weighting`: every variant (frozen and self scoring where both apply) extended
+    from the same short-context start for the same steps, then measured in one harness."""
+
+    artifacts_dir: str = "artifacts"
+    dataset: str = "gutenberg"  # long documents: one held out for validation, one for the test
+    eval_data: str = (
+        ""  # another corpus for the held-out documents (prepared with the same tokenizer); "" : the test book
+    )
+    start_model: str = "llama-mini"  # distilray.models.rotary_lm.LLAMA_PRESETS
+    start_seq_len: int = 256  # the short context the start is trained at
+    start_steps: int = 600
+    start_batch_size: int = 16
+    seq_len: int = 1024  # the extended context
+    base_length: int = 256  # b = the start's native context
+    base_stride: int = 192  # (1 - b/L) b: J = L/b = 4 extra window passes per sequence, as at paper scale
+    steps: int = 80  # extension steps, equal for every variant
+    batch_size: int = 4
+    lr: float = 3e-4
+    rope_theta: float = 40_000.0  # raised with the context (the paper raises Llama-3's to 15.3M for 32k)
+    variants: tuple[str, ...] = ("uniform", "dense", "sparse", "longce", "ppmi", "npmi")
+    scorers: tuple[str, ...] = ("self", "frozen")
+    eval_sequences: int = 16
+    probe_distances: tuple[int, ...] = (64, 256, 600)
+    probes_per_distance: int = 8
     json_out: str = ""
     seed: int = 0

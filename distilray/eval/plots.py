@@ -121,3 +121,30 @@ def loss_per_round(curves: dict[str, list[tuple[int, float, int]]], path: str | 
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+def metrics_by_variant(figures: dict[str, dict[str, float]], path: str | Path, title: str) -> Path:
+    """One bar panel per metric, one bar per variant (token weighting: long PPL, LongPPL, probes, short PPL).
+
+    figures: variant -> metric -> value (NaN or missing: no bar); "uniform" is drawn in black.
+    """
+    plt = _pyplot()
+    metrics = list(dict.fromkeys(k for v in figures.values() for k in v))
+    cols = min(3, max(1, len(metrics)))
+    rows = -(-max(1, len(metrics)) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.0 * rows), squeeze=False)
+    names = list(figures)
+    for ax, metric in zip(axes.flat, metrics):
+        values = [figures[n].get(metric, float("nan")) for n in names]
+        colors = ["black" if n == "uniform" else f"C{i % 10}" for i, n in enumerate(names)]
+        ax.bar(range(len(names)), values, color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

@@ -74,7 +74,7 @@ def run(cfg: QuickstartConfig) -> dict:
     rows: list[tuple[str, str, str]] = []  # (stage, figure, value)
     artifacts: dict[str, str] = {}
 
-    _stage("1/4 foundation: a BPE tokenizer, a target and a drafter LM on Ray Train")
+    _stage("1/5 foundation: a BPE tokenizer, a target and a drafter LM on Ray Train")
     t0 = time.perf_counter()
     tok_dir = train_tokenizer.get_or_train(cfg.corpus, cfg.vocab_size, cfg.artifacts_dir)
     tokenizer = load_tokenizer(tok_dir)
@@ -118,18 +118,22 @@ def run(cfg: QuickstartConfig) -> dict:
         artifacts[f"{role} model"] = res["model_dir"]
         artifacts[f"{role} metrics"] = res["metrics_csv"]
 
-    _stage("2/4 CD-LM: Ray Data extraction, the sharded datastore, decoding with chunks")
+    _stage("2/5 CD-LM: Ray Data extraction, the sharded datastore, decoding with chunks")
     cdlm_rows, cdlm_artifacts = cdlm_stage(cfg, models["target"]["model_dir"])
     rows += cdlm_rows
     artifacts.update(cdlm_artifacts)
-    _stage("3/4 speculative decoding: a distilled drafter and a trigram against plain decoding")
+    _stage("3/5 speculative decoding: a distilled drafter and a trigram against plain decoding")
     spec_rows, spec_artifacts = speculative_stage(cfg, models["target"]["model_dir"], models["drafter"]["model_dir"])
     rows += spec_rows
     artifacts.update(spec_artifacts)
-    _stage("4/4 SDTT: an MDLM teacher, one round of self-distillation, few-step samples")
+    _stage("4/5 SDTT: an MDLM teacher, one round of self-distillation, few-step samples")
     sdtt_rows, sdtt_artifacts = sdtt_stage(cfg, tok_dir, models["target"]["model_dir"])
     rows += sdtt_rows
     artifacts.update(sdtt_artifacts)
+    _stage("5/5 token weighting: a short-context Llama extended 4x, uniform against weighted cross-entropy")
+    long_rows, long_artifacts = long_context_stage(cfg, tok_dir)
+    rows += long_rows
+    artifacts.update(long_artifacts)
 
     results_path = Path(cfg.artifacts_dir).resolve() / "quickstart" / "results.json"
     artifacts["results"] = str(results_path)
@@ -373,3 +377,105 @@ def sdtt_stage(cfg: QuickstartConfig, tok_dir: str, evaluator_dir: str) -> tuple
     _link(home / "teacher", teacher["model_dir"])  # stable paths for serve_config.yaml
     _link(home / "student", distilled["students"]["1"])
     return rows, {"sdtt teacher": str(home / "teacher"), "sdtt student": str(home / "student")}
+
+
+def long_context_stage(cfg: QuickstartConfig, tok_dir: str) -> tuple[list[tuple[str, str, str]], dict]:
+    """Token weighting: long documents cut into sequences (prepare-long), a Llama trained at a short context,
+    then extended 4x twice for the same steps: with uniform cross-entropy and with weighted cross-entropy
+    (self scoring). Perplexity where the long context can help (targets past b) shows what it is for; the
+    pass-key accuracy, short-context perplexity and extra scoring passes show what it costs or gives."""
+    import numpy as np
+
+    from distilray.config import EvalLongConfig, PrepareLongConfig, TrainLongConfig
+    from distilray.pipelines import eval_long, prepare_long, train_long
+
+    t0 = time.perf_counter()
+    b, L = cfg.long_base_length, cfg.long_seq_len
+    data = prepare_long.run(
+        config_from(
+            PrepareLongConfig,
+            dataset=cfg.long_dataset,
+            tokenizer=str(tok_dir),
+            seq_len=L,
+            max_sequences=cfg.long_max_sequences,
+            artifacts_dir=cfg.artifacts_dir,
+            seed=cfg.seed,
+        )
+    )["output_dir"]
+    common = dict(data=data, artifacts_dir=cfg.artifacts_dir, seed=cfg.seed, num_workers=cfg.num_workers)
+    start = train_long.run(
+        config_from(
+            TrainLongConfig,
+            model=cfg.long_start_model,
+            tokenizer=str(tok_dir),
+            seq_len=b,
+            steps=cfg.long_start_steps,
+            batch_size=16,
+            lr=1e-3,
+            min_lr_ratio=0.1,
+            warmup_steps=20,
+            variant="uniform",
+            base_length=b,
+            eval_sequences=4,
+            **common,
+        )
+    )
+    runs = {}
+    for variant in ("uniform", cfg.long_variant):
+        runs[variant] = train_long.run(
+            config_from(
+                TrainLongConfig,
+                init=start["model_dir"],
+                seq_len=L,
+                rope_theta=cfg.long_rope_theta,
+                steps=cfg.long_steps,
+                batch_size=4,
+                lr=3e-4,
+                warmup_steps=5,
+                variant=variant,
+                base_length=b,
+                base_stride=(L - b) // (L // b),  # (1 - b/L) b: J = L/b window passes, the paper's ratio
+                eval_sequences=4,
+                **common,
+            )
+        )
+    _, ids = prepare_long.read_long_split(data, "test")
+    rows_ = ids[: cfg.long_eval_sequences].astype(np.int64)
+    ecfg = config_from(
+        EvalLongConfig,
+        base_length=b,
+        probe_distances=(L // 8, L // 4, L // 2),
+        probes_per_distance=cfg.long_probes,
+        short_context=b,
+        short_tokens=8_000,
+        seed=cfg.seed,
+    )
+    tokenizer = load_tokenizer(tok_dir)
+    texts = [tokenizer.decode(r[1:].tolist()) for r in rows_]
+    label, rows = "token weighting", []
+    rows.append(
+        (label, "start / extension", f"{cfg.long_start_model} at {b} tokens -> {L} (b={b}, {cfg.long_steps} steps)")
+    )
+    for variant, res in runs.items():
+        f = eval_long.evaluate_model(ecfg, res["model_dir"], rows_, texts, None, None)
+        name = "uniform CE" if variant == "uniform" else f"{variant} (self scoring)"
+        rows.append(
+            (label, f"{name}: ppl before / after b", f"{f['long_ppl_before_b']:.1f} / {f['long_ppl_after_b']:.1f}")
+        )
+        acc = np.mean(list(f["passkey_acc"].values()))
+        rows.append(
+            (
+                label,
+                f"{name}: pass-key acc / short ppl",
+                f"{acc:.2f} (chance {f['probe_chance']:.2f}) / {f['short_ppl']:.1f}",
+            )
+        )
+        rows.append(
+            (
+                label,
+                f"{name}: tokens/s, extra passes/step",
+                f"{res['tokens_per_s']:.0f}, {res['extra_forward_passes_per_step']}",
+            )
+        )
+    rows.append((label, "seconds", f"{time.perf_counter() - t0:.1f}"))
+    return rows, {"long data": data, "long weighted model": runs[cfg.long_variant]["model_dir"]}

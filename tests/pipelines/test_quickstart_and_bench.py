@@ -31,6 +31,13 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
             "spec_distill_steps=3",
             "spec_prompts=2",
             "spec_new_tokens=8",
+            "long_start_steps=3",
+            "long_steps=2",
+            "long_base_length=32",
+            "long_seq_len=128",
+            "long_max_sequences=16",
+            "long_eval_sequences=2",
+            "long_probes=1",
         ],
     )
     summary = quickstart.run(cfg)
@@ -57,6 +64,11 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
     spec = {figure: value for stage, figure, value in summary["rows"] if stage == "speculative"}
     for name in ("transformer baseline", "transformer distilled", "trigram"):
         assert spec[f"{name}: speedup meas / theo"].endswith("(same as plain: True)")  # lossless, every drafter
+    long = {figure: value for stage, figure, value in summary["rows"] if stage == "token weighting"}
+    for name in ("uniform CE", "dense (self scoring)"):
+        before, after = (float(x) for x in long[f"{name}: ppl before / after b"].split(" / "))
+        assert before > 1 and after > 1
+    assert long["dense (self scoring): tokens/s, extra passes/step"].endswith(", 16")  # 4 rows x J = L/b = 4 windows
     for folder in ("target", "drafters/ngram3", "drafters/transformer-distilled"):  # what serve_config.yaml points at
         assert (tmp_path / "quickstart" / "speculative" / folder / "config.json").is_file()
 
