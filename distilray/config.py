@@ -163,8 +163,8 @@ class QuickstartConfig(Config):
     long_start_model: str = "llama-tiny"  # distilray.models.rotary_lm.LLAMA_PRESETS
     long_base_length: int = 128  # the start's context, and b of the weighting
     long_seq_len: int = 512  # the extended context
-    long_start_steps: int = 200
-    long_steps: int = 40  # extension steps, uniform and weighted alike
+    long_start_steps: int = 150
+    long_steps: int = 30  # extension steps, uniform and weighted alike
     long_rope_theta: float = 40_000.0
     long_variant: WeightingVariant = "dense"
     long_max_sequences: int = 0  # cap on the prepared training sequences (0: all)

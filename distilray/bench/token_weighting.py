@@ -201,17 +201,7 @@ def _mean(d: dict | None) -> float:
 
 
 def plot_figures(variants: dict) -> dict:
-    return {
-        name: {
-            "long PPL after b": v["long_ppl_after_b"],
-            "LongPPL": v.get("long_key_ppl") or math.nan,
-            "pass-key acc (mean)": _mean(v["passkey_acc"]),
-            "kv recall acc (mean)": _mean(v["kv_recall"]),
-            "short-context PPL": v["short_ppl"],
-        }
-        for name, v in variants.items()
-        if name != "start"
-    }
+    return {name: eval_long.plot_figures(v) for name, v in variants.items() if name != "start"}
 
 
 def compute_goals(variants: dict) -> dict:

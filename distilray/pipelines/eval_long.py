@@ -19,8 +19,9 @@ import torch
 
 from distilray.config import EvalLongConfig
 from distilray.errors import DistilrayError
-from distilray.eval.long_context import long_ppl, position_bucket_ppl, probe_suite, token_losses
+from distilray.eval.long_context import long_ppl, passkey_example, position_bucket_ppl, probe_suite, token_losses
 from distilray.eval.perplexity import perplexity
+from distilray.eval.plots import metrics_by_variant
 from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import load_causal_lm, max_context
 from distilray.pipelines import prepare_long
@@ -35,11 +36,15 @@ def filler_sentences(texts: list[str], limit: int = 400) -> list[str]:
     return [s for s in sentences if 20 <= len(s) <= 300][:limit]
 
 
-def max_probe_distance(context: int) -> int:
+def max_probe_distance(context: int, tokenizer, filler: list[str]) -> int:
     """The longest fact-to-question distance whose prompts fit the context at every depth: the text before
-    the fact grows as distance * depth / (1 - depth); 100 tokens for the instructions and answer, and 10%
-    slack for the token estimate of the filler."""
-    return int((context - 100) * (1 - max(PROBE_DEPTHS)) * 0.9)
+    the fact grows as distance * depth / (1 - depth); the instructions, question and answer take what a
+    probe with no haystack takes under this tokenizer, and the filler's token estimate gets 10% slack."""
+    import random
+
+    bare = passkey_example(filler or ["Nothing here."], random.Random(0), haystack_chars=1, depth=0.0)
+    overhead = len(tokenizer(bare.prompt + bare.answer, add_special_tokens=False)["input_ids"]) + 8
+    return int((context - overhead) * (1 - max(PROBE_DEPTHS)) * 0.9)
 
 
 def evaluate_model(
@@ -74,7 +79,8 @@ def evaluate_model(
             out["long_key_tokens"] = count
             out["long_key_documents"] = f"{len(kept)}/{len(scored)} with key tokens"
         filler = filler_sentences(texts)
-        distances = [d for d in cfg.probe_distances if d <= max_probe_distance(context)]
+        longest = max_probe_distance(context, tokenizer, filler)
+        distances = [d for d in cfg.probe_distances if d <= longest]
         out["probe_distances_dropped"] = [d for d in cfg.probe_distances if d not in distances]
         probes = (
             probe_suite(model, tokenizer, filler, distances, PROBE_DEPTHS, cfg.probes_per_distance, cfg.seed, context)
@@ -118,8 +124,31 @@ def run(cfg: EvalLongConfig) -> dict:
         "harness": harness(cfg),
     }
     if cfg.output:
+        out["plot"] = str(
+            metrics_by_variant(
+                {name: plot_figures(f) for name, f in results.items()},
+                Path(cfg.output).with_suffix(".png"),
+                f"eval-long on {len(rows)} held-out sequences of {rows.shape[1]} tokens",
+            )
+        )
         atomic_write_json(cfg.output, out)
     return out
+
+
+def _mean(values: dict) -> float:
+    return float(np.mean(list(values.values()))) if values else math.nan
+
+
+def plot_figures(f: dict) -> dict[str, float]:
+    """The figures of one model that the per-variant plot shows."""
+    return {
+        "long PPL before b": f["long_ppl_before_b"] or math.nan,
+        "long PPL after b": f["long_ppl_after_b"] or math.nan,
+        "LongPPL": f.get("long_key_ppl") or math.nan,
+        "pass-key acc (mean)": _mean(f["passkey_acc"]),
+        "kv recall acc (mean)": _mean(f["kv_recall"]),
+        "short-context PPL": f["short_ppl"],
+    }
 
 
 def harness(cfg: EvalLongConfig) -> dict:

@@ -462,12 +462,16 @@ def long_context_stage(cfg: QuickstartConfig, tok_dir: str) -> tuple[list[tuple[
         rows.append(
             (label, f"{name}: ppl before / after b", f"{f['long_ppl_before_b']:.1f} / {f['long_ppl_after_b']:.1f}")
         )
-        acc = np.mean(list(f["passkey_acc"].values()))
+        passkey = (
+            f"{np.mean(list(f['passkey_acc'].values())):.2f} (chance {f['probe_chance']:.2f})"
+            if f["passkey_acc"]
+            else f"no probe fits {L} tokens"
+        )
         rows.append(
             (
                 label,
                 f"{name}: pass-key acc / short ppl",
-                f"{acc:.2f} (chance {f['probe_chance']:.2f}) / {f['short_ppl']:.1f}",
+                f"{passkey} / {f['short_ppl']:.1f}",
             )
         )
         rows.append(

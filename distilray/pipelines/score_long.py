@@ -94,12 +94,17 @@ def frozen_scores(
     return out
 
 
-def read_scores(folder: str | Path, data: str | Path, seq_ids: list[str]) -> np.ndarray:
-    """The short-context losses of `seq_ids`, in that order, after checking they belong to this data. # (n, L-1)"""
+def read_scores(folder: str | Path, data: str | Path, seq_ids: list[str], scorer: str | None = None) -> np.ndarray:
+    """The short-context losses of `seq_ids`, in that order, after checking they belong to this data (and,
+    given `scorer`, that this scorer computed them). # (n, L-1)"""
     folder = Path(folder)
     if not (folder / "scores.json").is_file():
         raise DistilrayError(f"{folder} holds no complete frozen scores (no scores.json)")
     info = read_json(folder / "scores.json")
+    if scorer is not None and info["scorer_fingerprint"] != folder_fingerprint(scorer):
+        raise DistilrayError(
+            f"the frozen scores in {folder} were computed by another scorer ({info['scorer']}), not {scorer}"
+        )
     fingerprint = prepare_long.read_meta(data)["fingerprint"]
     if info["data_fingerprint"] != fingerprint:
         raise DistilrayError(

@@ -142,8 +142,9 @@ def run(cfg: TrainLongConfig, untimed_steps: int = 0) -> dict:
     if frozen:
         if cfg.seq_len != meta["seq_len"]:
             raise DistilrayError("frozen scores are per prepared sequence: train at the data's seq_len")
-        scores = score_long.frozen_scores(data, w.scorer_model or cfg.init, w.base_length, w.base_stride)
-        arrays["short_losses"] = score_long.read_scores(scores, data, seq_ids)
+        scorer = w.scorer_model or cfg.init
+        scores = score_long.frozen_scores(data, scorer, w.base_length, w.base_stride, w.windows_per_pass)
+        arrays["short_losses"] = score_long.read_scores(scores, data, seq_ids, scorer=scorer)
     job = TrainJob(LongHooks, cfg, run_dir, data=arrays, folders=folders, untimed_steps=untimed_steps)
     return train(
         job,

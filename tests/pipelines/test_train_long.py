@@ -145,6 +145,9 @@ def test_frozen_scores_are_cached_and_refused_for_other_data(start, long_data, t
     seq_ids, _ = prepare_long.read_long_split(other, "train")
     with pytest.raises(DistilrayError, match="another data preparation"):
         score_long.read_scores(folder, other, seq_ids)
+    train_ids, _ = prepare_long.read_long_split(long_data, "train")
+    with pytest.raises(DistilrayError, match="another scorer"):
+        score_long.read_scores(folder, long_data, train_ids, scorer=res["model_dir"])
     with pytest.raises(DistilrayError, match="native context"):
         score_long.frozen_scores(long_data, start["model_dir"], 48, 16)  # the start reads 32 tokens
 
@@ -174,7 +177,7 @@ def test_eval_long_reports_every_figure(start, long_data, tmp_path):
     assert figures["long_key_ppl"] is None or figures["long_key_ppl"] > 1
     # a 64-token context holds no probe (their instructions alone take ~40 tokens): dropped, and said so
     assert figures["passkey_acc"] == {} and figures["probe_distances_dropped"] == [4, 8, 500]
-    assert figures["short_ppl"] > 1 and (tmp_path / "eval.json").is_file()
+    assert figures["short_ppl"] > 1 and (tmp_path / "eval.json").is_file() and Path(out["plot"]).is_file()
 
 
 def test_bad_input_is_a_clear_error(start, long_data, small_tokenizer, tmp_path):
