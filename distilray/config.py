@@ -619,19 +619,19 @@ class BenchTokenWeightingConfig(Config):
     )
     start_model: str = "llama-mini"  # distilray.models.rotary_lm.LLAMA_PRESETS
     start_seq_len: int = 256  # the short context the start is trained at
-    start_steps: int = 600
+    start_steps: int = 300
     start_batch_size: int = 16
     seq_len: int = 1024  # the extended context
     base_length: int = 256  # b = the start's native context
     base_stride: int = 192  # (1 - b/L) b: J = L/b = 4 extra window passes per sequence, as at paper scale
-    steps: int = 80  # extension steps, equal for every variant
+    steps: int = 40  # extension steps, equal for every variant
     batch_size: int = 4
     lr: float = 3e-4
     rope_theta: float = 40_000.0  # raised with the context (the paper raises Llama-3's to 15.3M for 32k)
     variants: tuple[str, ...] = ("uniform", "dense", "sparse", "longce", "ppmi", "npmi")
     scorers: tuple[str, ...] = ("self", "frozen")
-    eval_sequences: int = 16
+    eval_sequences: int = 8
     probe_distances: tuple[int, ...] = (64, 256, 600)
-    probes_per_distance: int = 8
+    probes_per_distance: int = 6
     json_out: str = ""
     seed: int = 0

@@ -3,11 +3,12 @@ in one harness (reference/token_weighting.md).
 
 - Data: the Gutenberg books cut into BOS + (L-1)-token sequences (prepare-long), one book held out for
   validation and one for the test (or `eval_data`, cut the same way).
-- Start: a `llama-mini` (~4.3M parameters) trained from scratch at the short context (256 tokens).
+- Start: a `llama-mini` (~4.3M parameters) trained from scratch at the short context (256 tokens, 300 steps of
+  16 sequences).
 - Variants: uniform cross-entropy, Dense, Sparse, LongCE, PPMI, NPMI, each extended to L = 1024 for the same
-  steps from the same start, with self scoring (`-unfrozen`) and with the start as the frozen scorer at its
-  native 256-token context (`-frozen`); b = 256, s = 192, so J = L/b = 4 window passes per sequence, the
-  paper's ratio (b = 8192, s = 6144 at 32k).
+  steps (40 of 4 sequences) from the same start, with self scoring (`-unfrozen`) and with the start as the
+  frozen scorer at its native 256-token context (`-frozen`); b = 256, s = 192, so J = L/b = 4 window passes
+  per sequence, the paper's ratio (b = 8192, s = 6144 at 32k).
 - Figures per variant: long-context perplexity (all targets, and before / after b), LongPPL with the uniform
   run as the evaluator (stated in `harness`), pass-key and key-value recall by distance (the candidate-ranking
   accuracy; exact greedy answers beside it), short-context perplexity, training time and throughput, extra
