@@ -486,10 +486,10 @@ class BenchSDTTConfig(Config):
     eval_data: str = ""  # held-out text for MAUVE's references (its test split); empty: the built-in corpus
     teacher_model: str = "dit-tiny"  # distilray.models.mdlm.PRESETS
     seq_len: int = 64
-    teacher_steps: int = 600
+    teacher_steps: int = 3000
     teacher_lr: float = 1e-3
-    teacher_ema: float = 0.99  # the sampled weights average about the last 100 of 600 steps
-    distill_steps: int = 40  # optimizer steps per round (grow_dt_every)
+    teacher_ema: float = 0.999  # the sampled weights average about the last 1000 of 3000 steps
+    distill_steps: int = 120  # optimizer steps per round (grow_dt_every)
     rounds: int = 3  # students sample with orig_num_steps / 2, / 4, / 8
     orig_num_steps: int = 64  # the teacher's largest step count (delta_0 = (1 - eps) / orig_num_steps)
     distill_lr: float = 3e-4

@@ -1,9 +1,9 @@
 """`distilray bench sdtt`: an MDLM teacher and its SDTT students, sampled and scored in one harness.
 
 - Teacher: a `dit-tiny` MDLM (~2M parameters) on the built-in corpus with the quickstart's BPE tokenizer
-  (so the evaluator scores raw ids), L = 64, 600 steps of batch 32.
+  (so the evaluator scores raw ids), L = 64, 3000 steps of batch 32, EMA 0.999.
 - Students: one distill-sdtt run per divergence (kld, kl-fwd, mse, tvd, l1-log, jsd) on the corrected
-  teacher grid, plus kld on the released code's grid (the ablation); 3 rounds of 40 optimizer steps of
+  teacher grid, plus kld on the released code's grid (the ablation); 3 rounds of 120 optimizer steps of
   batch 16: the round-r student samples with 64 / 2^r steps (32, 16, 8). The paper trains 10k steps per round on
   a 169M model with L = 1024 and 1024 teacher steps: this is the same procedure at a toy scale.
 - Rows: every model sampled in this process (float64 Gumbel, 64 unconditional samples each) at the
@@ -17,8 +17,8 @@
 - Speed: the teacher at full steps against the final kld student, timed in alternation (median).
 
 Scale here (2 CPU cores): a cold run trains the tokenizer, both AR models, the teacher and 7 students
-(600 teacher steps at ~0.3 s and 840 distillation steps at ~0.35 s when the machine is otherwise idle,
-plus a Ray Train start per run): about 20 minutes; a warm run only samples and scores: a few minutes.
+(3000 teacher steps at ~0.3 s and 2520 distillation steps at ~0.35 s when the machine is otherwise idle,
+plus a Ray Train start per run): about 35 minutes; a warm run only samples and scores: about 10 minutes.
 Every trained model is cached by its config. On a loaded machine it takes several times longer.
 """
 
