@@ -158,7 +158,7 @@ def run(cfg: BenchTokenWeightingConfig) -> dict:
 
     evaluator = load_causal_lm(evaluator_dir, device="cpu")
     variants = {}
-    for name, res in [("start", prepared["start"])] + list(prepared["runs"].items()):
+    for name, res in prepared["runs"].items():  # the start reads only its short context: not evaluated at L
         print(f"[bench token-weighting] evaluating {name} ...", flush=True)
         figures = eval_long.evaluate_model(ecfg, res["model_dir"], rows, texts, evaluator, tokenizer)
         variants[name] = {
@@ -175,6 +175,7 @@ def run(cfg: BenchTokenWeightingConfig) -> dict:
             "evaluator": evaluator_dir,
             "held_out": f"{len(rows)} sequences of {cfg.seq_len} tokens from {source}",
         },
+        "start": {k: prepared["start"].get(k) for k in ("model_dir", "val_ppl", "tokens_per_s", "seconds")},
         "settings": {
             k: getattr(cfg, k)
             for k in ("start_model", "start_seq_len", "start_steps", "seq_len", "base_length", "base_stride", "steps")
