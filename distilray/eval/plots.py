@@ -114,13 +114,7 @@ def loss_per_round(curves: dict[str, list[tuple[int, float, int]]], path: str | 
         if points and min(p[1] for p in points) > 0:
             ax.set_yscale("log")
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(curves) :]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _finish_grid(plt, fig, axes, len(curves), path, title)
 
 
 def metrics_by_variant(figures: dict[str, dict[str, float]], path: str | Path, title: str) -> Path:
@@ -141,7 +135,12 @@ def metrics_by_variant(figures: dict[str, dict[str, float]], path: str | Path, t
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[len(metrics) :]:
+    return _finish_grid(plt, fig, axes, len(metrics), path, title)
+
+
+def _finish_grid(plt, fig, axes, used: int, path: str | Path, title: str) -> Path:
+    """Blank the panels past the first `used`, title the figure, save it and free it."""
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -39,7 +39,13 @@ from distilray.losses.token_weighting import (
     weight_stats,
     weighted_loss,
 )
-from distilray.models.rotary_lm import build_rotary_lm, is_rotary_preset, load_rotary_lm, rope_settings
+from distilray.models.rotary_lm import (
+    build_rotary_lm,
+    extended_rope,
+    is_rotary_preset,
+    load_rotary_lm,
+    rope_settings,
+)
 from distilray.pipelines import prepare_long, score_long, train_tokenizer
 from distilray.ray_train import TrainerHooks, TrainJob, cached_result, train
 from distilray.tokenizer import load_tokenizer, vocab_fingerprint
@@ -194,8 +200,6 @@ class LongHooks(TrainerHooks):
             return load_rotary_lm(self.folders["init"], cfg.seq_len, **rope).train()
         model = build_rotary_lm(cfg.model, self.tokenizer, cfg.seq_len, rope_theta=cfg.rope_theta or 10_000.0)
         if cfg.rope_type != "default" or cfg.rope_factor != 1.0:
-            from distilray.models.rotary_lm import extended_rope
-
             extended_rope(model.config, cfg.seq_len, **rope)
         rope_settings(model.config)
         return model.train()
