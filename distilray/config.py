@@ -633,5 +633,6 @@ class BenchTokenWeightingConfig(Config):
     eval_sequences: int = 8
     probe_distances: tuple[int, ...] = (64, 256, 600)
     probes_per_distance: int = 6
+    timing_steps: int = 6  # optimizer steps per variant in the side-by-side timing (0: skip it)
     json_out: str = ""
     seed: int = 0

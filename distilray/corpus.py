@@ -344,8 +344,25 @@ def load_splits(spec: CorpusSpec) -> dict[str, list[str]]:
     return split_documents(docs, spec.val_fraction, spec.test_fraction, spec.split_seed)
 
 
+_CONTENT_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(f: Path) -> str:
+    """sha256 of a file's bytes, memoised per process by (path, size, mtime)."""
+    st = f.stat()
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CONTENT_HASHES:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _CONTENT_HASHES[key] = h.hexdigest()
+    return _CONTENT_HASHES[key]
+
+
 def corpus_fingerprint(spec: CorpusSpec) -> str:
-    """Short hash of the spec and its sources (file sizes and mtimes, not contents: cheap)."""
+    """Short hash of the spec and its sources' contents: a copied or re-downloaded corpus keeps its caches
+    (hashing reads each file once per process, about a second per GB, far less than tokenizing it)."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
     if spec.dataset == BUILTIN:
         h.update("\0".join(_pydoc_topics()).encode())  # changes with the Python version
@@ -357,6 +374,5 @@ def corpus_fingerprint(spec: CorpusSpec) -> str:
             load_documents(spec.dataset, spec.text_field)  # raises the same clear error as loading
         for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
             if f.is_file():
-                st = f.stat()
-                h.update(f"{f.relative_to(path.parent)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(f"{f.relative_to(path.parent)}\0{_file_digest(f)}\n".encode())
     return h.hexdigest()[:16]

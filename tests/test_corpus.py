@@ -333,6 +333,9 @@ def test_fingerprint_tracks_spec_and_files(tmp_path: Path) -> None:
     assert corpus_fingerprint(CorpusSpec(dataset=str(f), split_seed=1)) != fp
     f.write_text("some longer text\n", encoding="utf-8")
     assert corpus_fingerprint(spec) != fp
+    fp = corpus_fingerprint(spec)
+    os.utime(f, (1_000_000, 1_000_000))  # a copy with a new mtime keeps its caches
+    assert corpus_fingerprint(spec) == fp
     names = ["pydoc", "tinyshakespeare", "gutenberg", "hf:wikitext:wikitext-2-raw-v1"]
     fps = {corpus_fingerprint(CorpusSpec(dataset=n)) for n in names}
     assert len(fps) == len(names)

@@ -192,3 +192,29 @@ def test_bad_input_is_a_clear_error(start, long_data, small_tokenizer, tmp_path)
     tok.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(DistilrayError, match="rotary"):
         _extend(start, long_data, tmp_path, init=str(tmp_path / "gpt2"))
+
+
+def test_bench_times_uniform_and_self_scoring_side_by_side(start, long_data, small_tokenizer, tmp_path):
+    from distilray.bench import token_weighting as bench
+    from distilray.config import BenchTokenWeightingConfig
+
+    cfg = config_from(
+        BenchTokenWeightingConfig,
+        seq_len=L,
+        base_length=B,
+        base_stride=S,
+        batch_size=2,
+        variants=("uniform", "dense", "longce"),
+        timing_steps=2,
+        artifacts_dir=str(tmp_path),
+    )
+    prepared = {
+        "data": long_data,
+        "tokenizer": str(small_tokenizer[1]),
+        "start": start,
+        "common": {"data": long_data, "artifacts_dir": str(tmp_path), "seed": 0, "eval_sequences": 2},
+    }
+    timing = bench.step_timing(cfg, prepared)
+    assert set(timing) == {"uniform", "dense-unfrozen", "longce-unfrozen"}  # frozen runs add no scoring pass
+    assert timing["uniform"]["vs_uniform"] == 1.0 and all(t["steps"] == 2 for t in timing.values())
+    assert all(t["step_seconds"] > 0 for t in timing.values())
