@@ -525,6 +525,7 @@ class PrepareLongConfig(Config):
     test_documents: int = 1
     max_sequences: int = 0  # cap on training sequences (0: all)
     output_dir: str = run_only("")  # empty: artifacts_dir/long_data/<dataset>-<seq_len>-<hash>
+    datasets_folder: bool = run_only(False)  # also write <output_dir>/datasets (datasets.load_from_disk)
     artifacts_dir: str = run_only("artifacts")
     overwrite: bool = run_only(False)
     seed: int = 0

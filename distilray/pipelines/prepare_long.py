@@ -25,6 +25,8 @@ Output folder:
   long); validation and test in (doc_id, chunk) order;
 - `heldout_validation.jsonl`, `heldout_test.jsonl`: `{"doc_id", "text"}` of the whole held-out
   documents (skipped short ones included), for evaluation by text with any tokenizer;
+- `datasets/` (with `datasets_folder=true`): the same three splits as a Hugging Face `datasets` folder
+  (`datasets.load_from_disk`), derived from the Parquet files, which stay what distilray reads;
 - `meta.json`, written last: the config, counts per split and `fingerprint`, a sha256 over the
   ordered seq_ids and input_ids of all splits, by which later stages key what they derive.
 
@@ -49,7 +51,7 @@ import numpy as np
 from distilray import corpus
 from distilray.console import progress
 from distilray.errors import DistilrayError
-from distilray.io_utils import atomic_path, atomic_write_json, atomic_write_text, read_json
+from distilray.io_utils import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +264,7 @@ def _config(
     return {
         "dataset": dataset,
         "text_field": text_field,
-        # sizes and mtimes of a local corpus's files (the name alone for hf:), as corpus caches use
+        # the contents of a local corpus's files (the name alone for hf:), as corpus caches use
         "source_fingerprint": corpus.corpus_fingerprint(CorpusSpec(dataset=dataset, text_field=text_field)),
         "tokenizer_dir": tokenizer_dir,
         "vocab_fingerprint": vocab,
@@ -324,10 +326,15 @@ def _prepare(
         raise DistilrayError(f"{out} exists and is not a folder")
     meta = _complete_meta(out)
     if meta is not None:
-        if meta["config"] == config:
+        # the tokenizer counts by its vocabulary (vocab_fingerprint), not by the folder it was read from
+        changed = sorted(
+            k
+            for k in set(config) | set(meta["config"])
+            if k != "tokenizer_dir" and config.get(k) != meta["config"].get(k)
+        )
+        if not changed:
             return meta, True
         if not overwrite:
-            changed = sorted(k for k in set(config) | set(meta["config"]) if config.get(k) != meta["config"].get(k))
             raise DistilrayError(
                 f"{out} holds long sequences of another config (differs in: {', '.join(changed)}); "
                 "choose another output folder or pass overwrite"
@@ -515,6 +522,20 @@ def read_heldout_texts(out_dir: str | Path, split: str) -> list[tuple[int, str]]
         return [(r["doc_id"], r["text"]) for r in map(json.loads, f) if r]
 
 
+def write_datasets_folder(out_dir: str | Path) -> Path:
+    """The prepared splits as a `datasets` folder (a DatasetDict) at out_dir/datasets; kept when complete."""
+    import datasets
+
+    read_meta(out_dir)
+    dest = Path(out_dir) / "datasets"
+    if (dest / "dataset_dict.json").is_file():
+        return dest
+    splits = {s: datasets.Dataset.from_parquet(str(split_file(out_dir, s))) for s in SPLITS}
+    with atomic_dir(dest) as tmp:
+        datasets.DatasetDict(splits).save_to_disk(str(tmp))
+    return dest
+
+
 # ------------------------------------------------------------------------------------ the CLI
 def run(cfg) -> dict[str, Any]:
     """`distilray prepare-long` (a PrepareLongConfig). An empty `tokenizer` means the project's BPE trained on
@@ -535,8 +556,9 @@ def run(cfg) -> dict[str, Any]:
         import re
 
         key = config_hash(dataclasses.replace(cfg, tokenizer=vocab_fingerprint(load_tokenizer(tok_dir))))
+        source = corpus.corpus_fingerprint(CorpusSpec(dataset=cfg.dataset, text_field=cfg.text_field))[:6]
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.dataset).name or cfg.dataset)
-        out = str(Path(cfg.artifacts_dir).resolve() / "long_data" / f"{slug}-{cfg.seq_len}-{key}")
+        out = str(Path(cfg.artifacts_dir).resolve() / "long_data" / f"{slug}-{cfg.seq_len}-{key}-{source}")
     meta, cached = _prepare(
         cfg.dataset,
         str(tok_dir),
@@ -549,6 +571,13 @@ def run(cfg) -> dict[str, Any]:
         cfg.max_sequences,
         cfg.overwrite,
     )
+    files = {
+        **{s: str(split_file(out, s)) for s in SPLITS},
+        **{f"heldout_{s}": str(heldout_file(out, s)) for s in HELDOUT},
+        "meta": str(Path(out) / META),
+    }
+    if cfg.datasets_folder:
+        files["datasets"] = str(write_datasets_folder(out))
     return {
         "output_dir": str(out),
         "cached": cached,
@@ -556,9 +585,5 @@ def run(cfg) -> dict[str, Any]:
         "seq_len": meta["seq_len"],
         "sequences": {s: meta["splits"][s]["sequences"] for s in SPLITS},
         "tokens_discarded": {s: meta["splits"][s]["tokens_discarded"] for s in SPLITS},
-        "files": {
-            **{s: str(split_file(out, s)) for s in SPLITS},
-            **{f"heldout_{s}": str(heldout_file(out, s)) for s in HELDOUT},
-            "meta": str(Path(out) / META),
-        },
+        "files": files,
     }

@@ -181,6 +181,10 @@ def test_rerun_is_cached_other_config_raises_unless_overwrite(small_tokenizer, l
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+    import shutil
+
+    copied = shutil.copytree(tok_dir, tmp_path / "tokenizer-copy")  # the same vocabulary from another folder
+    assert _prep(long_corpus, copied, out) == first
 
     with pytest.raises(DistilrayError, match=r"another config.*seq_len"):
         pl.prepare_long(
@@ -300,3 +304,20 @@ def test_run_reports_files_and_cache(small_tokenizer, long_corpus, tmp_path):
     assert all(Path(p).is_file() for p in first["files"].values())
     second = pl.run(cfg)
     assert second["cached"] is True and second["fingerprint"] == first["fingerprint"]
+
+
+def test_datasets_folder_holds_the_same_sequences(small_tokenizer, long_corpus, tmp_path):
+    import dataclasses
+
+    import datasets
+
+    _, tok_dir = small_tokenizer
+    cfg = config_from(PrepareLongConfig, dataset=str(long_corpus), tokenizer=str(tok_dir), seq_len=SEQ_LEN)
+    cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "data"), datasets_folder=True)
+    res = pl.run(cfg)
+    loaded = datasets.load_from_disk(res["files"]["datasets"])
+    for split in ("train", "validation", "test"):
+        seq_ids, ids = pl.read_long_split(res["output_dir"], split)
+        assert loaded[split]["seq_id"] == seq_ids
+        assert np.array_equal(np.array(loaded[split]["input_ids"], dtype=np.int64).reshape(ids.shape), ids)
+    assert pl.run(cfg)["files"]["datasets"] == res["files"]["datasets"]  # kept on a re-run
