@@ -97,8 +97,12 @@ def run_dir_for(cfg: TrainLongConfig, data: Path) -> Path:
     if cfg.name:
         return Path(cfg.artifacts_dir).resolve() / "long" / cfg.name
     # models and data enter the key by what they hold, not by how their paths were spelled
+    tok = cfg.tokenizer
+    if tok and Path(tok).is_dir():
+        tok = vocab_fingerprint(load_tokenizer(tok))
     keyed = dataclasses.replace(
         cfg,
+        tokenizer=tok,
         init=folder_fingerprint(cfg.init) if cfg.init else "",
         data=prepare_long.read_meta(data)["fingerprint"][:12],
         weighting=dataclasses.replace(
