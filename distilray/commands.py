@@ -165,6 +165,20 @@ COMMANDS: tuple[Command, ...] = (
         example="init=DIR seq_len=2048 weighting.variant=dense weighting.scorer=self",
     ),
     Command(
+        "train-tfree",
+        "T-Free: a tokenizer-free LM (hashed trigram words, multi-label head) or its BPE baseline, on Ray Train",
+        C.TrainTFreeConfig,
+        "distilray.pipelines.train_tfree:run",
+        example="dataset=gutenberg model=tfree-tiny steps=300 (input=token: the BPE baseline)",
+    ),
+    Command(
+        "generate-tfree",
+        "T-Free: words from a trained model by dictionary decoding (head, union or calibrated scores)",
+        C.GenerateTFreeConfig,
+        "distilray.pipelines.generate_tfree:run",
+        example='model=DIR prompt="The sea" max_words=32 decode_score=calibrated',
+    ),
+    Command(
         "eval-long",
         "Token weighting: long PPL by position, LongPPL, pass-key and key-value recall, short-context PPL",
         C.EvalLongConfig,

@@ -637,3 +637,63 @@ class BenchTokenWeightingConfig(Config):
     timing_steps: int = 6  # optimizer steps per variant in the side-by-side timing (0: skip it)
     json_out: str = ""
     seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------- T-Free
+TFreeDecodeScore = Literal["head", "union", "calibrated"]
+
+
+@dataclass(frozen=True)
+class TrigramConfig(Config):
+    """The T-Free trigram hashing (reference/tfree.md 3): each byte trigram of a word goes to m of v rows,
+    k of them shared with its lowercase form. The paper's best 1B setting is v=8000, m=10, k=0; v=4096 here
+    keeps embedding + head 87.5% below a 32k BPE vocabulary, the paper's ratio against 64k."""
+
+    v: int = 4096
+    m: int = 8
+    k: int = 2
+
+
+@dataclass(frozen=True)
+class TrainTFreeConfig(Config):
+    """`train-tfree`: a T-Free LM (hashed trigram words in, multi-label next-word pattern out) on Ray Train,
+    or, with input=token, the BPE baseline of the same backbone on the same documents and budget."""
+
+    dataset: str = "gutenberg"  # any corpus name or path (distilray.corpus); split into documents of <= 4k chars
+    data: str = ""  # a prepare-tfree folder; empty: prepare `dataset` (cached)
+    input: Literal["trigram", "token"] = "trigram"  # token: the BPE baseline
+    model: str = "tfree-tiny"  # distilray.models.tfree_lm.PRESETS, or a saved model folder to continue from
+    trigram: TrigramConfig = field(default_factory=TrigramConfig)
+    bpe_vocab_size: int = 8192  # input=token: the project's BPE trained on the dataset (cached)
+    seq_len: int = 512  # positions per sample (words for T-Free, tokens for BPE)
+    min_bytes: int = 0  # aligned entries' minimum size; 0: 5 bytes per position (about one English word)
+    batch_size: int = 8  # global, split evenly across workers
+    steps: int = 300
+    pos_weight: float = 100.0  # BCE weight of the ~m*|S| positive rows among v (the 7B config: 300)
+    loss_scale: float = 100.0  # the 7B config's value
+    loss_normalization: Literal["real", "all"] = "real"  # real: over non-padding positions; all: the original's
+    dictionary_words: int = 16_384  # decoding dictionary: the most frequent training words (+ special words)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=2e-3, min_lr_ratio=0.1, warmup_steps=30, weight_decay=0.1)
+    )
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval_words: int = 4096  # held-out word positions for the final accuracy and word perplexity
+    artifacts_dir: str = run_only("artifacts")
+    name: str = run_only("")  # run name; empty: derived from the input, model and the config hash
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerateTFreeConfig(Config):
+    """`generate-tfree`: words from a trained T-Free model by dictionary decoding, KV-cached."""
+
+    model: str = ""  # a train-tfree model folder (required): weights, config and its dictionary/
+    prompt: str = "The"
+    max_words: int = 32
+    decode_score: TFreeDecodeScore = "head"  # head: the released checkpoints' score; calibrated: real probabilities
+    word_edge_weight: float = 1.0  # e: weight of edge-trigram rows in head/union scores (< 0.8 against artefacts)
+    temperature: float = 0.0  # 0: greedy, as the original
+    top_k: int = 0  # sample among the k best words (0: all)
+    more_words: str = ""  # words added to the dictionary for this call; empty: the prompt's words
+    seed: int = 0

@@ -177,5 +177,7 @@ def copy_final_model(result, model_dir: Path) -> None:
 
 
 def folder_files(folder: str | Path) -> dict[str, bytes]:
-    """The plain files of a folder, to ship inside the loop input (no shared disk needed)."""
-    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+    """The plain files of a folder and its subfolders by relative path, to ship inside the loop input (no shared
+    disk needed)."""
+    root = Path(folder)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

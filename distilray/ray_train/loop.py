@@ -210,8 +210,12 @@ def latest_checkpoint(storage: Path) -> Path | None:
 
 
 def write_folder(files: dict[str, bytes], prefix: str) -> Path:
-    """Materialise shipped files in a fresh temporary folder on this worker."""
+    """Materialise shipped files (relative paths, subfolders included) in a fresh temporary folder on this worker."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     for name, data in files.items():
-        (path / name).write_bytes(data)
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"shipped file {name!r} points outside its folder")
+        target = path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
     return path

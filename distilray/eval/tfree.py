@@ -1,0 +1,108 @@
+"""Next-word figures of a T-Free model and of its BPE baseline on the same held-out text (reference/tfree.md 7).
+
+Both models are judged on the same units, the words of letters of the text (the regex `[^\\W\\d_]+`: the
+T-Free splitter makes exactly these its letter words, so the k-th letter word of one side is the k-th of the
+other):
+- T-Free: the dictionary word with the best score at the position before it is the word;
+- BPE: greedy decoding from the true prefix reproduces the word, i.e. the argmax is right at every token
+  that overlaps the word's characters (teacher forcing along the true path is the greedy path while the
+  argmaxes agree).
+Word perplexity is exp(total NLL of the text / reference words of the text): the T-Free NLL sums -log p(item)
+over its items (whitespace markers, digits and punctuation included) with p the calibrated pattern
+likelihood normalised over the dictionary (reference 10.2), the BPE NLL sums its tokens. The T-Free figure
+is relative to its dictionary, which holds every held-out word (`more_words`): a closed-vocabulary
+perplexity, optimistic against the BPE's open one; the table says so.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+
+from distilray.decoding.tfree import word_log_probs, word_scores
+from distilray.tfree.dictionary import Dictionary
+from distilray.tfree.hashing import hasher_for
+from distilray.tfree.metrics import reference_words
+from distilray.tfree.wordsplit import EOT, encode_document
+
+LETTER_WORD = re.compile(r"[^\W\d_]+")
+
+
+def windows(n: int, seq_len: int) -> list[tuple[int, int]]:
+    """[start, end) windows of seq_len + 1 items overlapping by one: every item after the first is a target once."""
+    return [(s, min(s + seq_len + 1, n)) for s in range(0, max(n - 1, 0), seq_len)]
+
+
+@torch.no_grad()
+def tfree_next_word(model, dictionary: Dictionary, texts: list[str], seq_len: int, method: str = "head") -> dict:
+    """Top-1 next-word accuracy (letter words, `method`'s score) and the calibrated NLL of every item."""
+    device = next(model.parameters()).device
+    vocab = dictionary.vocab
+    hasher = hasher_for(vocab)
+    docs = [encode_document(t) for t in texts]
+    dictionary = dictionary.with_more_words(w for d in docs for w in d)  # closed vocabulary: see the module doc
+    correct = letter_targets = items = 0
+    nll = 0.0
+    for words in docs:
+        for start, end in windows(len(words), seq_len):
+            inputs, targets = words[start : end - 1], words[start + 1 : end]
+            flat, offsets = hasher.encode(inputs)
+            logits = model(
+                indices=torch.from_numpy(flat).to(device),
+                offsets=torch.from_numpy(offsets[:-1]).to(device),
+                shape=(1, len(inputs)),
+            )[0]
+            target_ids = torch.tensor([dictionary.index(w) for w in targets], device=device)
+            log_p = word_log_probs(word_scores(logits, dictionary, "calibrated"))
+            text_items = torch.tensor([w != EOT for w in targets], device=device)  # the BPE side has no EOT
+            nll -= float((log_p.gather(-1, target_ids[:, None])[:, 0] * text_items).sum())
+            picked = word_scores(logits, dictionary, method).argmax(-1) if method != "calibrated" else log_p.argmax(-1)
+            letters = torch.tensor([bool(LETTER_WORD.fullmatch(w)) for w in targets], device=device)
+            correct += int(((picked == target_ids) & letters).sum())
+            letter_targets += int(letters.sum())
+            items += int(text_items.sum())
+    return {"correct": correct, "letter_words": letter_targets, "items": items, "nll": nll, "method": method}
+
+
+@torch.no_grad()
+def bpe_next_word(model, tokenizer, texts: list[str], seq_len: int) -> dict:
+    """The same figures for a token-input model: greedy word accuracy on letter words, summed token NLL."""
+    device = next(model.parameters()).device
+    correct = letter_targets = items = 0
+    nll = 0.0
+    for text in texts:
+        text = text.lstrip()  # as encode_document: the same characters on both sides
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = enc["input_ids"], np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+        right = np.zeros(len(ids), dtype=bool)  # token i predicted greedily from its prefix (never for token 0)
+        for start, end in windows(len(ids), seq_len):
+            chunk = torch.tensor(ids[start:end], device=device)[None]
+            logits = model(tokens=chunk[:, :-1])[0].float()
+            targets = chunk[0, 1:]
+            nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            right[start + 1 : end] = (logits.argmax(-1) == targets).cpu().numpy()
+            items += len(targets)
+        for match in LETTER_WORD.finditer(text):
+            covering = np.nonzero((spans[:, 0] < match.end()) & (spans[:, 1] > match.start()))[0]
+            if len(covering) == 0 or covering[0] == 0:
+                continue  # the first token has no prediction
+            letter_targets += 1
+            correct += int(right[covering].all())
+    return {"correct": correct, "letter_words": letter_targets, "items": items, "nll": nll, "method": "greedy"}
+
+
+def summarize(figures: dict, texts: list[str]) -> dict:
+    """Accuracy and per-reference-word perplexity from the sums above."""
+    ref_words = sum(len(reference_words(t)) for t in texts)
+    acc = figures["correct"] / figures["letter_words"] if figures["letter_words"] else math.nan
+    return {
+        "next_word_acc": acc,
+        "word_ppl": math.exp(figures["nll"] / ref_words) if ref_words else math.nan,
+        "letter_words": figures["letter_words"],
+        "reference_words": ref_words,
+        "items": figures["items"],
+        "score": figures["method"],
+    }
