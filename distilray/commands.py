@@ -179,6 +179,13 @@ COMMANDS: tuple[Command, ...] = (
         example='model=DIR prompt="The sea" max_words=32 decode_score=calibrated',
     ),
     Command(
+        "eval-tfree",
+        "T-Free: fertility, duplicates, sequence length, next-word accuracy and word perplexity against BPE",
+        C.EvalTFreeConfig,
+        "distilray.pipelines.eval_tfree:run",
+        example="models=[DIR,DIR] dataset=gutenberg",
+    ),
+    Command(
         "eval-long",
         "Token weighting: long PPL by position, LongPPL, pass-key and key-value recall, short-context PPL",
         C.EvalLongConfig,
@@ -227,6 +234,15 @@ BENCHMARKS: tuple[Command, ...] = (
         "pass-key and key-value recall, short PPL, training time",
         C.BenchTokenWeightingConfig,
         "distilray.bench.token_weighting:run",
+        "table",
+        example="--json OUT",
+    ),
+    Command(
+        "tfree",
+        "T-Free against 8k and 32k BPE baselines of the same backbone: fertility, duplicates, parameters, memory, "
+        "next-word accuracy, word perplexity",
+        C.BenchTFreeConfig,
+        "distilray.bench.tfree:run",
         "table",
         example="--json OUT",
     ),

@@ -697,3 +697,37 @@ class GenerateTFreeConfig(Config):
     top_k: int = 0  # sample among the k best words (0: all)
     more_words: str = ""  # words added to the dictionary for this call; empty: the prompt's words
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalTFreeConfig(Config):
+    """`eval-tfree`: fertility and vocabulary duplicates of T-Free and of any Hugging Face tokenizer, sequence
+    length, and next-word accuracy and word perplexity of T-Free models and BPE baselines on held-out text."""
+
+    models: tuple[str, ...] = ()  # train-tfree model folders (T-Free or the BPE baseline)
+    tokenizers: tuple[str, ...] = ()  # more tokenizer folders for fertility and duplicates (the models' own are in)
+    dataset: str = "gutenberg"  # held-out text: this corpus's `split`
+    split: Literal["validation", "test"] = "test"
+    eval_words: int = 4096  # reference words of held-out text
+    decode_score: TFreeDecodeScore = "head"  # T-Free next-word pick (the word perplexity is always calibrated)
+    json_out: str = ""
+
+
+@dataclass(frozen=True)
+class BenchTFreeConfig(Config):
+    """`distilray bench tfree`: a T-Free model against BPE baselines of the same backbone (8k and 32k vocabularies),
+    trained on the same documents for the same steps, measured in one harness."""
+
+    artifacts_dir: str = "artifacts"
+    dataset: str = "gutenberg"
+    eval_data: str = ""  # another corpus for the held-out text (its test split); "": the dataset's test split
+    model: str = "tfree-tiny"
+    trigram: TrigramConfig = field(default_factory=TrigramConfig)
+    bpe_vocab_sizes: tuple[int, ...] = (8192, 32768)
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 2e-3
+    eval_words: int = 4096
+    json_out: str = ""
+    seed: int = 0

@@ -238,4 +238,9 @@ def test_serve_config() -> None:
     from distilray.serve_apps.diffusion import parse_args as parse_diffusion_args
 
     assert parse_diffusion_args(diffusion["args"]).model == "artifacts/quickstart/sdtt/student"  # the quickstart's
+    tfree = apps["tfree"]
+    assert tfree["import_path"] == "distilray.serve_apps.tfree:app" and tfree["route_prefix"] == "/tfree"
+    from distilray.serve_apps.tfree import parse_args as parse_tfree_args
+
+    assert parse_tfree_args(tfree["args"]).model == "artifacts/quickstart/tfree/model"  # the quickstart's
     assert len({a["route_prefix"] for a in apps.values()}) == len(apps)  # one prefix per application

@@ -62,9 +62,8 @@ def train_loop(loop_config: dict) -> None:
     worker = WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), Path(job.run_dir))
     folders = {name: write_folder(files, f"distilray-{name}-") for name, files in job.files.items()}
     data = {name: ray.get(ref) for name, ref in job.data.items()}
-    hooks = job.hooks(cfg, worker, data, folders)
     try:
-        _run_steps(job, hooks, worker)
+        _run_steps(job, job.hooks(cfg, worker, data, folders), worker)
     finally:
         for folder in folders.values():
             shutil.rmtree(folder, ignore_errors=True)
