@@ -22,8 +22,9 @@ What a request means for a T-Free LM (its unit is the word, whitespace markers i
   (decoding/tfree.py); `temperature` 0 is greedy, else softmax sampling over the `top_k` best (0: all), `seed`.
 - prompt, more_words and stop holding `<|...|>` are refused (pitfall 8): typed into a prompt, `<|endoftext|>`
   would reach the model as the real end-of-text marker.
-- `choices[0].text` is what the generated words add to the prompt (prompt + text reads right); finish_reason "stop" for end-of-text or a
-  stop word, "length" for max_tokens or the model's context. `model` is the app's served_model_name.
+- `choices[0].text` is what the generated words add to the prompt (prompt + text reads right);
+  finish_reason "stop" for end-of-text or a stop word, "length" for max_tokens or the model's context.
+  `model` is the app's served_model_name.
 
 `stream: true` answers `text/event-stream`: one OpenAI completion chunk per word, its text being what the word
 adds to the text (`distilray`: event "word", index, word), then a last chunk with empty text, the
