@@ -170,6 +170,13 @@ class QuickstartConfig(Config):
     long_max_sequences: int = 0  # cap on the prepared training sequences (0: all)
     long_eval_sequences: int = 8
     long_probes: int = 6  # pass-key probes per distance and depth
+    tfree_model: str = "tfree-tiny"  # distilray.models.tfree_lm.PRESETS, trained on long_dataset's documents
+    tfree_steps: int = 150
+    tfree_batch_size: int = 8
+    tfree_seq_len: int = 128  # words per sample
+    tfree_eval_words: int = 2000
+    tfree_prompt: str = "It was a dark night, and"
+    tfree_words: int = 16
     seed: int = 0
 
 

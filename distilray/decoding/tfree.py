@@ -30,31 +30,38 @@ from distilray.tfree.dictionary import Dictionary
 
 METHODS = ("head", "union", "calibrated")
 
-# per dictionary: (method, edge_weight, device) -> sparse (|D|, v) weights; dropped with the dictionary
-_MATRICES: weakref.WeakKeyDictionary[Dictionary, dict[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
+# per dictionary: (method, edge_weight, device) -> its pattern bags; dropped with the dictionary
+_BAGS: weakref.WeakKeyDictionary[Dictionary, dict[tuple, tuple[torch.Tensor, ...]]] = weakref.WeakKeyDictionary()
 
 
-def word_matrix(dictionary: Dictionary, method: str, edge_weight: float, device: torch.device) -> torch.Tensor:
-    """The sparse COO (|D|, v) float32 matrix whose row w holds each row index's weight in S_w."""
+def word_bags(
+    dictionary: Dictionary, method: str, edge_weight: float, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """(rows, offsets, weights): word w's pattern rows rows[offsets[w]:offsets[w+1]], each with its weight in
+    S_w, laid out for a weighted sum-EmbeddingBag over the activations. An EmbeddingBag on CPU is about 50x
+    faster than torch.sparse.mm with the same (|D|, v) matrix in COO form (16k words, v = 4096, 128 positions)."""
     key = (method, float(edge_weight), str(device))
-    cache = _MATRICES.setdefault(dictionary, {})
+    cache = _BAGS.setdefault(dictionary, {})
     if key not in cache:
         non_edge = torch.from_numpy(dictionary.in_non_edge).float()
         edge = torch.from_numpy(dictionary.in_edge).float()
         if method == "head":
-            values = non_edge + edge_weight * edge
+            weights = non_edge + edge_weight * edge
         elif method == "union":
-            values = torch.where(edge > 0, edge_weight, 1.0)
+            weights = torch.where(edge > 0, edge_weight, 1.0)
         else:
-            values = torch.ones_like(non_edge)
-        rows = torch.repeat_interleave(torch.arange(len(dictionary)), torch.from_numpy(dictionary.indptr).diff())
-        coords = torch.stack([rows, torch.from_numpy(dictionary.indices)])
-        # sorted distinct columns within sorted rows: already coalesced, no check needed
-        matrix = torch.sparse_coo_tensor(
-            coords, values, (len(dictionary), dictionary.vocab.v), is_coalesced=True, check_invariants=False
-        )
-        cache[key] = matrix.to(device)
+            weights = torch.ones_like(non_edge)
+        rows = torch.from_numpy(dictionary.indices).long()
+        offsets = torch.from_numpy(dictionary.indptr[:-1]).long()
+        cache[key] = (rows.to(device), offsets.to(device), weights.to(device))
     return cache[key]
+
+
+def pattern_sums(values: torch.Tensor, dictionary: Dictionary, method: str, edge_weight: float) -> torch.Tensor:
+    """values (N, v) -> (N, |D|): sum over each word's pattern rows of weight * value."""
+    rows, offsets, weights = word_bags(dictionary, method, edge_weight, values.device)
+    table = values.T.contiguous()  # (v, N): one "embedding" row per pattern row
+    return F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights).T
 
 
 def word_scores(
@@ -68,13 +75,12 @@ def word_scores(
         raise DistilrayError(f"logits have {logits.shape[-1]} rows, the dictionary's vocab has v={v}")
     lead = logits.shape[:-1]
     z = logits.float().reshape(-1, v)  # (N, v)
-    matrix = word_matrix(dictionary, method, edge_weight, z.device)
     if method == "calibrated":
         # log s(z) - log s(-z) = z exactly, so the pattern term is a plain sum of logits
-        scores = torch.sparse.mm(matrix, z.T).T + F.logsigmoid(-z).sum(-1, keepdim=True)  # (N, |D|)
+        scores = pattern_sums(z, dictionary, method, edge_weight) + F.logsigmoid(-z).sum(-1, keepdim=True)
         return scores.reshape(*lead, len(dictionary))
     a = torch.sigmoid(z)
-    pattern_sum = torch.sparse.mm(matrix, a.T).T  # (N, |D|): S_w
+    pattern_sum = pattern_sums(a, dictionary, method, edge_weight)  # (N, |D|): S_w
     inside = m * torch.from_numpy(dictionary.n_w).to(device=z.device, dtype=torch.float32)  # (|D|,)
     outside = v - inside
     scores = pattern_sum / inside + (pattern_sum - a.sum(-1, keepdim=True)) / outside.clamp(min=1.0)

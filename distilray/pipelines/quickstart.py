@@ -74,7 +74,7 @@ def run(cfg: QuickstartConfig) -> dict:
     rows: list[tuple[str, str, str]] = []  # (stage, figure, value)
     artifacts: dict[str, str] = {}
 
-    _stage("1/5 foundation: a BPE tokenizer, a target and a drafter LM on Ray Train")
+    _stage("1/6 foundation: a BPE tokenizer, a target and a drafter LM on Ray Train")
     t0 = time.perf_counter()
     tok_dir = train_tokenizer.get_or_train(cfg.corpus, cfg.vocab_size, cfg.artifacts_dir)
     tokenizer = load_tokenizer(tok_dir)
@@ -118,22 +118,28 @@ def run(cfg: QuickstartConfig) -> dict:
         artifacts[f"{role} model"] = res["model_dir"]
         artifacts[f"{role} metrics"] = res["metrics_csv"]
 
-    _stage("2/5 CD-LM: Ray Data extraction, the sharded datastore, decoding with chunks")
+    _stage("2/6 CD-LM: Ray Data extraction, the sharded datastore, decoding with chunks")
     cdlm_rows, cdlm_artifacts = cdlm_stage(cfg, models["target"]["model_dir"])
     rows += cdlm_rows
     artifacts.update(cdlm_artifacts)
-    _stage("3/5 speculative decoding: a distilled drafter and a trigram against plain decoding")
+    _stage("3/6 speculative decoding: a distilled drafter and a trigram against plain decoding")
     spec_rows, spec_artifacts = speculative_stage(cfg, models["target"]["model_dir"], models["drafter"]["model_dir"])
     rows += spec_rows
     artifacts.update(spec_artifacts)
-    _stage("4/5 SDTT: an MDLM teacher, one round of self-distillation, few-step samples")
+    _stage("4/6 SDTT: an MDLM teacher, one round of self-distillation, few-step samples")
     sdtt_rows, sdtt_artifacts = sdtt_stage(cfg, tok_dir, models["target"]["model_dir"])
     rows += sdtt_rows
     artifacts.update(sdtt_artifacts)
-    _stage("5/5 token weighting: a short-context Llama extended 4x, uniform against weighted cross-entropy")
+    _stage("5/6 token weighting: a short-context Llama extended 4x, uniform against weighted cross-entropy")
     long_rows, long_artifacts = long_context_stage(cfg, tok_dir)
     rows += long_rows
     artifacts.update(long_artifacts)
+    _stage("6/6 T-Free: a tokenizer-free LM on hashed trigram words, against the stage-1 BPE")
+    from distilray.pipelines.quickstart_tfree import tfree_stage
+
+    tfree_rows, tfree_artifacts, tfree_sample = tfree_stage(cfg, tok_dir, _link)
+    rows += tfree_rows
+    artifacts.update(tfree_artifacts)
 
     results_path = Path(cfg.artifacts_dir).resolve() / "quickstart" / "results.json"
     artifacts["results"] = str(results_path)
@@ -141,6 +147,7 @@ def run(cfg: QuickstartConfig) -> dict:
         "rows": rows,
         "artifacts": artifacts,
         "samples": {role: m["sample"] for role, m in models.items()},
+        "tfree_sample": tfree_sample,
         "prompt": cfg.sample_prompt,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -306,6 +313,8 @@ def format_table(summary: dict) -> str:
     lines += [f"{stage:<{w1}}  {figure:<{w2}}  {value}" for stage, figure, value in rows]
     lines += ["", f"samples (prompt: {summary['prompt']!r})"]
     lines += [f"  {role:<8} {text!r}" for role, text in summary["samples"].items()]
+    if summary.get("tfree_sample"):
+        lines += [f"  T-Free   {summary['tfree_sample']!r} (its own prompt, Gutenberg-trained)"]
     lines += ["", "artifacts"]
     lines += [f"  {k:<16} {v}" for k, v in summary["artifacts"].items()]
     lines += ["", f"total {summary['seconds']} s"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distilray.decoding.tfree import pick_word, word_log_probs, word_matrix, word_scores
+from distilray.decoding.tfree import pick_word, word_bags, word_log_probs, word_scores
 from distilray.errors import DistilrayError
 from distilray.tfree.dictionary import Dictionary, build_dictionary
 from distilray.tfree.hashing import TrigramVocab, hasher_for
@@ -85,7 +85,7 @@ def test_batched_shapes_and_cache() -> None:
         single = word_scores(batch[1, 2], d, method)
         assert torch.allclose(scores[1, 2], single, atol=1e-5)
     cpu = torch.device("cpu")
-    assert word_matrix(d, "head", 1.0, cpu) is word_matrix(d, "head", 1.0, cpu)
+    assert word_bags(d, "head", 1.0, cpu) is word_bags(d, "head", 1.0, cpu)  # built once per dictionary
 
 
 def test_real_dictionary_matches_brute_force() -> None:

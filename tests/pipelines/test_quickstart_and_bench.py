@@ -38,6 +38,12 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
             "long_max_sequences=16",
             "long_eval_sequences=2",
             "long_probes=1",
+            "tfree_model=tfree-micro",
+            "tfree_steps=2",
+            "tfree_batch_size=2",
+            "tfree_seq_len=32",
+            "tfree_eval_words=200",
+            "tfree_words=4",
         ],
     )
     summary = quickstart.run(cfg)
@@ -71,6 +77,12 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
     assert long["dense (self scoring): tokens/s, extra passes/step"].endswith(", 16")  # 4 rows x J = L/b = 4 windows
     for folder in ("target", "drafters/ngram3", "drafters/transformer-distilled"):  # what serve_config.yaml points at
         assert (tmp_path / "quickstart" / "speculative" / folder / "config.json").is_file()
+    tfree = {figure: value for stage, figure, value in summary["rows"] if stage == "T-Free (tfree-micro)"}
+    t_fert, bpe_fert = (float(x) for x in tfree["fertility: T-Free / stage-1 BPE"].split(" / "))
+    assert 0.5 < t_fert < 2 and bpe_fert > 0
+    assert tfree["vocabulary duplicates: T-Free / BPE"].startswith("0.0% / ")
+    assert summary["tfree_sample"].startswith(cfg.tfree_prompt)
+    assert (tmp_path / "quickstart" / "tfree" / "model" / "dictionary" / "dictionary.json").is_file()
 
 
 def test_bench_train_writes_ratios(ray_session, tmp_path):
