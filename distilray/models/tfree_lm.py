@@ -270,8 +270,8 @@ class TFreeLM(nn.Module):
 # totals at v = 8000: 0.84B (1B) and 2.77B (3B). The context is the 7B config's 4096 words for all three.
 PRESETS: dict[str, dict] = {
     "tfree-micro": dict(d_model=64, n_layers=2, n_heads=2),  # tests
-    "tfree-tiny": dict(d_model=128, n_layers=4, n_heads=4),
-    "tfree-mini": dict(d_model=256, n_layers=6, n_heads=4),  # quickstart
+    "tfree-tiny": dict(d_model=128, n_layers=4, n_heads=4),  # quickstart, bench tfree
+    "tfree-mini": dict(d_model=256, n_layers=6, n_heads=4),
     "tfree-1b": dict(v=8000, m=10, k=0, d_model=2048, n_layers=16, n_heads=16, max_seq_len=4096),
     "tfree-3b": dict(v=8000, m=7, k=3, d_model=3072, n_layers=24, n_heads=24, max_seq_len=4096),
     "tfree-7b": dict(v=32000, m=10, k=2, d_model=4096, n_layers=32, n_heads=32, max_seq_len=4096),
