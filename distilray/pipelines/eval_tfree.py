@@ -76,6 +76,7 @@ def model_figures(folder: str | Path, texts: list[str], decode_score: str) -> di
         **tfree_eval.summarize(figures, texts),
         "input": model.config.input,
         "embed_head_params": embed_head_params(model),
+        "d_model": model.config.d_model,
         "params": sum(p.numel() for p in model.parameters()),
         **extra,
     }
