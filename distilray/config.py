@@ -668,6 +668,8 @@ class TrainTFreeConfig(Config):
 
     dataset: str = "gutenberg"  # any corpus name or path (distilray.corpus); split into documents of <= 4k chars
     data: str = ""  # a prepare-tfree folder; empty: prepare `dataset` (cached)
+    instruction: bool = False  # dataset: JSONL conversations (messages, segments or question/answer), loss on
+    # the answers only; fine-tunes model=DIR, a trained T-Free model whose dictionary it keeps
     input: Literal["trigram", "token"] = "trigram"  # token: the BPE baseline
     model: str = "tfree-tiny"  # distilray.models.tfree_lm.PRESETS, or a saved model folder to continue from
     trigram: TrigramConfig = field(default_factory=TrigramConfig)

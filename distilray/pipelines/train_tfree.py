@@ -9,6 +9,8 @@
   Targets travel as index lists and become dense (B, S, v) only on the device.
 - The baseline (`input=token`): the same backbone with the project's BPE (embedding + softmax head),
   on the same documents packed the same way, for the same steps.
+- Instruction tuning (`instruction=true`): JSONL conversations, one per sample, loss only on the answers'
+  words (the seed's instruct conversion), from a trained T-Free model whose dictionary is kept.
 - The decoding dictionary: the `dictionary_words` most frequent training words (counted with Ray Data),
   special words always kept, saved inside every model folder (model/dictionary/).
 
@@ -38,8 +40,8 @@ from distilray.pipelines.prepare_tfree import count_words, load_word_counts, pre
 from distilray.ray_train import TrainerHooks, TrainJob, cached_result, train
 from distilray.tfree.dictionary import build_dictionary, load_dictionary
 from distilray.tfree.hashing import TrigramVocab, hasher_for
-from distilray.tfree.packing import pretraining_sample
-from distilray.tfree.textstore import AlignedIndex, TextStore
+from distilray.tfree.packing import pack_instruction, pretraining_sample
+from distilray.tfree.textstore import AlignedIndex, InstructionStore, TextStore
 from distilray.training import batch_rows
 
 DICTIONARY = "dictionary"
@@ -59,9 +61,10 @@ def data_dir(cfg: TrainTFreeConfig) -> Path:
         return Path(cfg.data)
     spec = CorpusSpec(dataset=cfg.dataset)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.dataset).name or cfg.dataset)
-    name = f"{slug}-{corpus.corpus_fingerprint(spec)[:10]}-{min_bytes(cfg)}-{cfg.seed}"
+    kind = "instruction" if cfg.instruction else f"{min_bytes(cfg)}-{cfg.seed}"
+    name = f"{slug}-{corpus.corpus_fingerprint(spec)[:10]}-{kind}"
     out = Path(cfg.artifacts_dir).resolve() / "tfree_data" / name
-    prepare_tfree(cfg.dataset, out, min_bytes=min_bytes(cfg), seed=cfg.seed)
+    prepare_tfree(cfg.dataset, out, min_bytes=min_bytes(cfg), seed=cfg.seed, instruction=cfg.instruction)
     return out
 
 
@@ -85,7 +88,8 @@ def bpe_dir(cfg: TrainTFreeConfig) -> Path:
 def run_dir_for(cfg: TrainTFreeConfig, data: Path) -> Path:
     if cfg.name:
         return Path(cfg.artifacts_dir).resolve() / "tfree" / cfg.name
-    keyed = dataclasses.replace(cfg, data=TextStore(data / "train").fingerprint[:12], dataset="")
+    store = InstructionStore if cfg.instruction else TextStore
+    keyed = dataclasses.replace(cfg, data=store(data / "train").fingerprint[:12], dataset="")
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.input}-{Path(cfg.model).name}")
     return Path(cfg.artifacts_dir).resolve() / "tfree" / f"{slug}-{config_hash(keyed)}"
 
@@ -96,6 +100,8 @@ def check_config(cfg: TrainTFreeConfig) -> None:
     if cfg.pos_weight <= 0 or cfg.loss_scale <= 0:
         raise DistilrayError("pos_weight and loss_scale must be positive")
     trigram_vocab(cfg)  # v, m, k in range, or a clear error
+    if cfg.instruction and (cfg.model in PRESETS or cfg.input != "trigram"):
+        raise DistilrayError("instruction=true fine-tunes a trained T-Free model: give model=DIR (input=trigram)")
     if cfg.model not in PRESETS:
         model = load_tfree_lm(cfg.model)  # a clear error for a folder that is not a T-Free model
         if model.config.input != cfg.input:
@@ -110,7 +116,9 @@ def run(cfg: TrainTFreeConfig) -> dict:
     if cached := cached_result(run_dir):
         return cached
     folders = {"data": data}
-    if cfg.input == "trigram":
+    if cfg.instruction:
+        folders["dictionary"] = Path(cfg.model) / DICTIONARY  # the model keeps the words it was trained with
+    elif cfg.input == "trigram":
         folders["dictionary"] = dictionary_dir(cfg, data)
     else:
         folders["tokenizer"] = bpe_dir(cfg)
@@ -132,14 +140,17 @@ def run(cfg: TrainTFreeConfig) -> dict:
     )
 
 
-def validation_texts(store: TextStore, words: int) -> list[str]:
-    """The first validation documents holding about `words` reference words."""
+def validation_texts(folder: Path, words: int, instruction: bool = False) -> list[str]:
+    """The first validation documents (conversations: their segments joined) holding about `words` reference
+    words."""
+    store = InstructionStore(folder) if instruction else TextStore(folder)
     texts, total = [], 0
     for i in range(len(store)):
         if total >= words:
             break
-        texts.append(store[i])
-        total += len(tfree_eval.reference_words(store[i]))
+        text = "\n".join(t for t, _ in store[i]) if instruction else store[i]
+        texts.append(text)
+        total += len(tfree_eval.reference_words(text))
     return texts
 
 
@@ -151,8 +162,11 @@ class TFreeHooks(TrainerHooks):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         root = Path(self.folders["data"])
-        self.store = TextStore(root / "train")
-        self.aligned = AlignedIndex(root / "train", min_bytes(self.cfg), self.cfg.seed)
+        if self.cfg.instruction:
+            self.store = InstructionStore(root / "train")  # one conversation per sample
+        else:
+            self.store = TextStore(root / "train")
+            self.aligned = AlignedIndex(root / "train", min_bytes(self.cfg), self.cfg.seed)
         self.vocab = trigram_vocab(self.cfg)
         self.trigram = self.cfg.input == "trigram"
 
@@ -178,9 +192,13 @@ class TFreeHooks(TrainerHooks):
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        rows = batch_rows(len(self.aligned), cfg.batch_size, step, cfg.seed, self.worker.rank, self.worker.world)
+        n = len(self.store) if cfg.instruction else len(self.aligned)
+        rows = batch_rows(n, cfg.batch_size, step, cfg.seed, self.worker.rank, self.worker.world)
         samples = []
         for entry in rows:
+            if cfg.instruction:
+                samples.append(pack_instruction(self.store[int(entry)], cfg.seq_len))
+                continue
             rng = np.random.default_rng([cfg.seed, step, int(entry)])  # the fill draws: a pure function of the step
             if self.trigram:
                 samples.append(pretraining_sample(self.store, self.aligned, int(entry), cfg.seq_len, rng))
@@ -226,7 +244,7 @@ class TFreeHooks(TrainerHooks):
         return self.cfg.batch_size * self.cfg.seq_len  # word positions for T-Free, tokens for BPE
 
     def validate(self, model) -> dict[str, float]:
-        texts = validation_texts(TextStore(Path(self.folders["data"]) / "validation"), self.cfg.eval_words)
+        texts = validation_texts(Path(self.folders["data"]) / "validation", self.cfg.eval_words, self.cfg.instruction)
         model.eval()
         if self.trigram:
             dictionary = load_dictionary(self.folders["dictionary"], self.vocab)

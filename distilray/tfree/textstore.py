@@ -225,8 +225,12 @@ def conversation_segments(record: Any) -> list[tuple[str, bool]]:
     - a list of segments `[{"text": str, "has_loss": bool}, ...]`, or `{"segments": [...]}`;
     - `{"messages": [{"role": str, "content": str}, ...]}`, rendered with a plain template: each turn is
       `role: content`; a turn other than the assistant's is one segment without loss, an assistant turn is
-      the segment `assistant:` without loss followed by its content with loss, so only answers are learned.
+      the segment `assistant:` without loss followed by its content with loss, so only answers are learned;
+    - `{"question": str, "answer": str}` (MedQuAD and most QA sets): `question: ...` and `answer:` without
+      loss, the answer with loss.
     """
+    if isinstance(record, dict) and isinstance(record.get("question"), str) and isinstance(record.get("answer"), str):
+        return [(f"question: {record['question']}", False), ("answer:", False), (record["answer"], True)]
     if isinstance(record, dict) and "messages" in record:
         segments: list[tuple[str, bool]] = []
         for m in record["messages"]:
@@ -242,8 +246,8 @@ def conversation_segments(record: Any) -> list[tuple[str, bool]]:
         isinstance(s, dict) and isinstance(s.get("text"), str) and isinstance(s.get("has_loss"), bool) for s in raw
     ):
         raise DistilrayError(
-            'an instruction record is a list of {"text": str, "has_loss": bool} segments, {"segments": [...]} '
-            f'or {{"messages": [{{"role", "content"}}]}}; got {json.dumps(record)[:200]}'
+            'an instruction record is a list of {"text": str, "has_loss": bool} segments, {"segments": [...]}, '
+            f'{{"messages": [{{"role", "content"}}]}} or {{"question", "answer"}}; got {json.dumps(record)[:200]}'
         )
     return [(s["text"], s["has_loss"]) for s in raw]
 

@@ -95,3 +95,23 @@ def test_bad_input_is_a_clear_error(tmp_path):
         train_tfree.run(
             config_from(TrainTFreeConfig, **{**TINY, "model": str(tmp_path), "artifacts_dir": str(tmp_path)})
         )
+
+
+def test_instruction_tuning_learns_only_the_answers(tfree_run, tmp_path):
+    import json
+
+    qa = tmp_path / "qa.jsonl"
+    records = [{"question": f"What is item {i}?", "answer": f"Item {i} is a thing of note."} for i in range(40)]
+    qa.write_text("\n".join(json.dumps(r) for r in records))
+    over = dict(dataset=str(qa), instruction=True, model=tfree_run["model_dir"], steps=2, batch_size=2, warmup_steps=1)
+    cfg = config_from(TrainTFreeConfig, **{**TINY, **over, "artifacts_dir": str(tmp_path)})
+    res = train_tfree.run(cfg)
+    tuned = load_dictionary(Path(res["model_dir"]) / train_tfree.DICTIONARY)
+    assert tuned.words == load_dictionary(Path(tfree_run["model_dir"]) / train_tfree.DICTIONARY).words
+    folders = {"data": Path(res["data_dir"]), "dictionary": Path(tfree_run["model_dir"]) / train_tfree.DICTIONARY}
+    hooks = train_tfree.TFreeHooks(cfg, WorkerInfo(0, 1, torch.device("cpu"), tmp_path), {}, folders)
+    sample = train_tfree.pack_instruction(hooks.store[0], 32)
+    learned = [t for t, w in zip(sample.targets, sample.loss_weights) if w > 0]
+    assert learned and "question" not in learned and "Item" in learned  # the answer's words, not the question's
+    with pytest.raises(DistilrayError, match="model=DIR"):
+        train_tfree.run(config_from(TrainTFreeConfig, **{**TINY, **over, "model": "tfree-micro"}))
