@@ -733,7 +733,7 @@ class BenchTFreeConfig(Config):
     model: str = "tfree-tiny"
     trigram: TrigramConfig = field(default_factory=TrigramConfig)
     bpe_vocab_sizes: tuple[int, ...] = (8192, 32768)
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 8
     seq_len: int = 256
     lr: float = 2e-3

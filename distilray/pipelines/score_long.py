@@ -56,7 +56,9 @@ def frozen_scores(
         return out
     seq_ids, ids = prepare_long.read_long_split(data, "train")
     ensure_ray()
-    threads = cpus_per_worker(0, max(1, num_actors))
+    # one worker's share stays free for the read and write tasks: an actor pool holding every CPU stalls the
+    # Parquet write until scoring ends (Ray Data warns "the job may hang forever")
+    threads = cpus_per_worker(0, max(1, num_actors) + 1)
     gpu = resolve_use_gpu(use_gpu)
     rows = [{"seq_id": s, "input_ids": r} for s, r in zip(seq_ids, ids)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
