@@ -155,7 +155,7 @@ class QuickstartConfig(Config):
     spec_new_tokens: int = 48
     sdtt_teacher_model: str = "dit-tiny"  # the MDLM teacher (distilray.models.mdlm.PRESETS)
     sdtt_seq_len: int = 64
-    sdtt_teacher_steps: int = 300
+    sdtt_teacher_steps: int = 260
     sdtt_distill_steps: int = 100  # one round of self-distillation
     sdtt_orig_num_steps: int = 64  # the teacher's sampling steps; the round's student samples with half
     sdtt_samples: int = 16
@@ -163,7 +163,7 @@ class QuickstartConfig(Config):
     long_start_model: str = "llama-tiny"  # distilray.models.rotary_lm.LLAMA_PRESETS
     long_base_length: int = 128  # the start's context, and b of the weighting
     long_seq_len: int = 512  # the extended context
-    long_start_steps: int = 150
+    long_start_steps: int = 120
     long_steps: int = 30  # extension steps, uniform and weighted alike
     long_rope_theta: float = 40_000.0
     long_variant: WeightingVariant = "dense"
@@ -171,7 +171,7 @@ class QuickstartConfig(Config):
     long_eval_sequences: int = 8
     long_probes: int = 6  # pass-key probes per distance and depth
     tfree_model: str = "tfree-tiny"  # distilray.models.tfree_lm.PRESETS, trained on long_dataset's documents
-    tfree_steps: int = 150
+    tfree_steps: int = 120
     tfree_batch_size: int = 8
     tfree_seq_len: int = 128  # words per sample
     tfree_eval_words: int = 2000
