@@ -34,12 +34,12 @@ def held_out_texts(dataset: str, split: str, words: int) -> list[str]:
     docs = corpus.load_splits(CorpusSpec(dataset=dataset))[split]
     texts, total = [], 0
     for doc in docs:
-        if total >= words:
+        if total >= words and len(texts) >= 2:  # two at least: the perplexity's calibration takes one half
             break
         texts.append(doc)
         total += len(tfree_eval.reference_words(doc))
-    if not texts:
-        raise DistilrayError(f"the {split} split of {dataset!r} is empty")
+    if len(texts) < 2:
+        raise DistilrayError(f"the {split} split of {dataset!r} holds fewer than two documents")
     return texts
 
 
@@ -67,13 +67,16 @@ def model_figures(folder: str | Path, texts: list[str], decode_score: str) -> di
     seq_len = model.config.max_seq_len
     if model.config.input == "trigram":
         dictionary = load_dictionary(Path(folder) / DICTIONARY)
-        figures = tfree_eval.tfree_next_word(model, dictionary, texts, seq_len, decode_score)
+        summary = tfree_eval.evaluate_texts(
+            lambda t: tfree_eval.tfree_next_word(model, dictionary, t, seq_len, decode_score), texts
+        )
         extra = {"dictionary_words": len(dictionary), "pattern_duplicates": pattern_duplicates(dictionary)}
     else:
-        figures = tfree_eval.bpe_next_word(model, load_tokenizer(folder), texts, seq_len)
+        tokenizer = load_tokenizer(folder)
+        summary = tfree_eval.evaluate_texts(lambda t: tfree_eval.bpe_next_word(model, tokenizer, t, seq_len), texts)
         extra = {}
     return {
-        **tfree_eval.summarize(figures, texts),
+        **summary,
         "input": model.config.input,
         "embed_head_params": embed_head_params(model),
         "d_model": model.config.d_model,
@@ -115,8 +118,9 @@ def run(cfg: EvalTFreeConfig) -> dict:
             "reference_words": sum(len(tfree_eval.reference_words(t)) for t in texts),
             "fertility": "items / reference words (regex words and punctuation; T-Free's whitespace markers count)",
             "next_word_acc": "top-1 on letter words; BPE: greedy reproduces every token of the word",
-            "word_ppl": "exp(NLL of the text / reference words); T-Free: calibrated scores over its dictionary "
-            "plus the held-out words (closed vocabulary)",
+            "word_ppl": "exp(NLL / reference words) on the second half of the texts, after temperature scaling fitted "
+            "on the first half (word_ppl_raw: temperature 1); T-Free: calibrated scores over its dictionary plus the "
+            "held-out words (closed vocabulary)",
         },
     }
     if cfg.json_out:

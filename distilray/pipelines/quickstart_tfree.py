@@ -54,7 +54,11 @@ def tfree_stage(cfg: QuickstartConfig, tok_dir: str, link) -> tuple[list[tuple[s
             f"{res['embed_head_params']:,} ({v} rows, {len(dictionary):,}-word dictionary); "
             f"a {BPE_32K // 1024}k BPE: {2 * BPE_32K * d:,}",
         ),
-        (label, "next-word acc / word ppl (held out)", f"{res['next_word_acc']:.3f} / {res['word_ppl']:.1f}"),
+        (
+            label,
+            "next-word acc / word ppl (held out)",
+            f"{res['next_word_acc']:.3f} / {res['word_ppl']:.1f} (temperature {res['word_ppl_temperature']:g})",
+        ),
         (label, "train words/s", f"{res['tokens_per_s']:.0f}" + (" (cached run)" if res.get("cached") else "")),
         (label, "seconds", f"{time.perf_counter() - t0:.1f}"),
     ]

@@ -132,6 +132,7 @@ def run(cfg: TrainTFreeConfig) -> dict:
             "data_dir": str(data),
             "next_word_acc": float(m["val_next_word_acc"]),
             "word_ppl": float(m["val_word_ppl"]),
+            "word_ppl_temperature": float(m["val_word_ppl_temperature"]),
             "embed_head_params": int(m["val_embed_head_params"]),
             "params": int(m["val_params"]),
             "peak_rss_mb": float(m["val_peak_rss_mb"]),
@@ -146,7 +147,7 @@ def validation_texts(folder: Path, words: int, instruction: bool = False) -> lis
     store = InstructionStore(folder) if instruction else TextStore(folder)
     texts, total = [], 0
     for i in range(len(store)):
-        if total >= words:
+        if total >= words and len(texts) >= 2:  # two at least: the perplexity's calibration takes one half
             break
         text = "\n".join(t for t, _ in store[i]) if instruction else store[i]
         texts.append(text)
@@ -248,13 +249,17 @@ class TFreeHooks(TrainerHooks):
         model.eval()
         if self.trigram:
             dictionary = load_dictionary(self.folders["dictionary"], self.vocab)
-            figures = tfree_eval.tfree_next_word(model, dictionary, texts, self.cfg.seq_len)
+            summary = tfree_eval.evaluate_texts(
+                lambda t: tfree_eval.tfree_next_word(model, dictionary, t, self.cfg.seq_len), texts
+            )
         else:
-            figures = tfree_eval.bpe_next_word(model, self.tokenizer, texts, self.cfg.seq_len)
-        summary = tfree_eval.summarize(figures, texts)
+            summary = tfree_eval.evaluate_texts(
+                lambda t: tfree_eval.bpe_next_word(model, self.tokenizer, t, self.cfg.seq_len), texts
+            )
         return {
             "next_word_acc": summary["next_word_acc"],
             "word_ppl": summary["word_ppl"],
+            "word_ppl_temperature": summary["temperature"],
             "embed_head_params": float(embed_head_params(model)),
             "params": float(sum(p.numel() for p in model.parameters())),
             # the worker's peak resident memory (Linux reports KiB): the training's, model and batches included
