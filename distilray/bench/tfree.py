@@ -97,6 +97,7 @@ def run(cfg: BenchTFreeConfig) -> dict:
         result["vocab_size"][name] = model["embed_head_params"] // (2 * model["d_model"])
     result["params"] = {name: figures[name]["model"]["params"] for name in keys}
     result["pattern_duplicates"] = figures["tfree"]["model"].get("pattern_duplicates")
+    result["tfree_next_word_acc_by_score"] = figures["tfree"]["model"].get("next_word_acc_by_score")
     result["harness"] = {
         "held_out": f"{len(texts)} documents ({sum(len(eval_tfree.tfree_eval.reference_words(t)) for t in texts)} "
         f"reference words) of the test split of {source}",
@@ -169,6 +170,13 @@ def format_table(r: dict) -> str:
         "per reference word on the second half of the text after temperature scaling fitted on the first half "
         "(T-Free's over its dictionary + the held-out words: closed vocabulary)"
     )
+    if r.get("tfree_next_word_acc_by_score"):
+        by = ", ".join(f"{k} {v:.3f}" for k, v in r["tfree_next_word_acc_by_score"].items())
+        lines.append(f"T-Free next-word acc by decode score: {by} (the goal uses head, the default)")
+    if r.get("word_ppl_temperature"):
+        temps = ", ".join(f"{k} {v:g}" for k, v in r["word_ppl_temperature"].items())
+        raw = ", ".join(f"{k} {_fmt(v, '.4g')}" for k, v in r["word_ppl_raw"].items())
+        lines.append(f"word ppl temperatures: {temps}; at temperature 1: {raw}")
     if r.get("pattern_duplicates"):
         lines.append(f"T-Free dictionary words sharing a pattern (hash collisions): {r['pattern_duplicates']}")
     lines.append("goals:")

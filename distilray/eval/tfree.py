@@ -28,7 +28,7 @@ import re
 import numpy as np
 import torch
 
-from distilray.decoding.tfree import word_log_probs, word_scores
+from distilray.decoding.tfree import METHODS, word_log_probs, word_scores
 from distilray.tfree.dictionary import Dictionary
 from distilray.tfree.hashing import hasher_for
 from distilray.tfree.metrics import reference_words
@@ -51,7 +51,8 @@ def tfree_next_word(model, dictionary: Dictionary, texts: list[str], seq_len: in
     hasher = hasher_for(vocab)
     docs = [encode_document(t) for t in texts]
     dictionary = dictionary.with_more_words(w for d in docs for w in d)  # closed vocabulary: see the module doc
-    correct = letter_targets = items = 0
+    letter_targets = items = 0
+    correct_by = dict.fromkeys(METHODS, 0)  # every score's pick, for the table; `method` is the one reported
     nll = dict.fromkeys(TEMPERATURES, 0.0)
     for words in docs:
         for start, end in windows(len(words), seq_len):
@@ -68,13 +69,20 @@ def tfree_next_word(model, dictionary: Dictionary, texts: list[str], seq_len: in
             for t in TEMPERATURES:
                 log_p = word_log_probs(calibrated / t).gather(-1, target_ids[:, None])[:, 0]
                 nll[t] -= float((log_p * text_items).sum())
-            scores = calibrated if method == "calibrated" else word_scores(logits, dictionary, method)
-            picked = scores.argmax(-1)
             letters = torch.tensor([bool(LETTER_WORD.fullmatch(w)) for w in targets], device=device)
-            correct += int(((picked == target_ids) & letters).sum())
+            for name in METHODS:
+                scores = calibrated if name == "calibrated" else word_scores(logits, dictionary, name)
+                correct_by[name] += int(((scores.argmax(-1) == target_ids) & letters).sum())
             letter_targets += int(letters.sum())
             items += int(text_items.sum())
-    return {"correct": correct, "letter_words": letter_targets, "items": items, "nll": nll, "method": method}
+    return {
+        "correct": correct_by[method],
+        "correct_by_score": correct_by,
+        "letter_words": letter_targets,
+        "items": items,
+        "nll": nll,
+        "method": method,
+    }
 
 
 @torch.no_grad()
@@ -124,4 +132,14 @@ def evaluate_texts(measure, texts: list[str]) -> dict:
         "reference_words": ref_words,
         "items": fit["items"] + held["items"],
         "score": held["method"],
+        **(
+            {
+                "next_word_acc_by_score": {
+                    k: (fit["correct_by_score"][k] + held["correct_by_score"][k]) / letters if letters else math.nan
+                    for k in fit["correct_by_score"]
+                }
+            }
+            if "correct_by_score" in fit
+            else {}
+        ),
     }
