@@ -171,12 +171,13 @@ class QuickstartConfig(Config):
     long_eval_sequences: int = 8
     long_probes: int = 6  # pass-key probes per distance and depth
     tfree_model: str = "tfree-tiny"  # distilray.models.tfree_lm.PRESETS, trained on long_dataset's documents
-    tfree_steps: int = 120
+    tfree_steps: int = 250
     tfree_batch_size: int = 8
     tfree_seq_len: int = 128  # words per sample
     tfree_eval_words: int = 2000
     tfree_prompt: str = "It was a dark night, and"
     tfree_words: int = 16
+    tfree_top_k: int = 20  # the sample: calibrated scores at the fitted temperature, among the 20 best words
     seed: int = 0
 
 

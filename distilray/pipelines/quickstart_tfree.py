@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from distilray.config import QuickstartConfig, TrainTFreeConfig, config_from
 from distilray.decoding.tfree_generate import generate_words, load_tfree_bundle
 from distilray.pipelines import eval_tfree, train_tfree
@@ -38,7 +40,18 @@ def tfree_stage(cfg: QuickstartConfig, tok_dir: str, link) -> tuple[list[tuple[s
     bpe = load_tokenizer(tok_dir)
     bpe_fertility = fertility(eval_tfree.hf_tokenize(bpe), texts)
     model, dictionary = load_tfree_bundle(res["model_dir"])
-    out = generate_words(model, dictionary, cfg.tfree_prompt, max_words=cfg.tfree_words)
+    # sampled from the calibrated pattern likelihood at the temperature the held-out perplexity was fitted with:
+    # greedy head scores of a model this small fall into runs of newlines or short words
+    out = generate_words(
+        model,
+        dictionary,
+        cfg.tfree_prompt,
+        max_words=cfg.tfree_words,
+        method="calibrated",
+        temperature=res["word_ppl_temperature"],
+        top_k=cfg.tfree_top_k,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     d, v = model.config.d_model, model.config.v
     label = f"T-Free ({cfg.tfree_model})"
     rows = [
