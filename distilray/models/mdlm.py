@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distilray.errors import DistilrayError
-from distilray.io_utils import read_json
 from distilray.losses.mdlm import sigma
-from distilray.models.module_io import load_weights, read_config, save_module
+from distilray.models.module_io import check_model_folder, load_weights, read_config, save_module
 
 ARCH = "mdlm_dit"
 
@@ -204,18 +203,7 @@ class MDLM(nn.Module):
 
 
 def _check_is_mdlm(folder: str | Path) -> None:
-    """A clear error for a folder that holds something else (a Hugging Face LM, a drafter) or nothing."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise DistilrayError(f"{folder} is not an MDLM folder: it has no config.json")
-    try:
-        raw = read_json(path)
-    except (OSError, ValueError) as e:
-        raise DistilrayError(f"{folder} is not an MDLM folder: unreadable config.json ({e})") from None
-    kind = (raw.get("architecture") or raw.get("model_type")) if isinstance(raw, dict) else None
-    if kind != ARCH:
-        what = f"a {kind!r} model" if kind else "an unknown model"
-        raise DistilrayError(f"{folder} is not an MDLM ({ARCH}) folder: its config.json describes {what}")
+    check_model_folder(folder, ARCH, "an MDLM")
 
 
 # name -> (d_model, n_layers, n_heads, cond_dim); the dit-orig-* are MDLM's configs/model/dit-orig-*.yaml

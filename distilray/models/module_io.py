@@ -51,6 +51,22 @@ def read_config(folder: str | Path, arch: str, cls: type) -> dict:
     return raw
 
 
+def check_model_folder(folder: str | Path, arch: str, label: str) -> None:
+    """A clear error for a folder that holds something else (a Hugging Face LM, another architecture) or nothing;
+    `label` names the kind in messages ("an MDLM", "a T-Free LM")."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise DistilrayError(f"{folder} is not {label} folder: it has no config.json")
+    try:
+        raw = read_json(path)
+    except (OSError, ValueError) as e:
+        raise DistilrayError(f"{folder} is not {label} folder: unreadable config.json ({e})") from None
+    kind = (raw.get("architecture") or raw.get("model_type")) if isinstance(raw, dict) else None
+    if kind != arch:
+        what = f"a {kind!r} model" if kind else "an unknown model"
+        raise DistilrayError(f"{folder} is not {label} ({arch}) folder: its config.json describes {what}")
+
+
 class TokenListState:
     """Drafter state that is just the token list (n-gram, CNN): start / push / rollback / length."""
 

@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distilray.errors import DistilrayError
-from distilray.io_utils import read_json
 from distilray.models.mdlm import apply_rotary
-from distilray.models.module_io import load_weights, read_config, save_module
+from distilray.models.module_io import check_model_folder, load_weights, read_config, save_module
 
 ARCH = "tfree_lm"
 
@@ -313,17 +312,7 @@ def save_tfree_lm(model: TFreeLM, folder: str | Path) -> None:
 
 def load_tfree_lm(folder: str | Path, device: str | torch.device = "cpu") -> TFreeLM:
     """The T-Free LM saved in `folder`, in eval mode on `device`; any other folder is a DistilrayError."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise DistilrayError(f"{folder} is not a T-Free LM folder: it has no config.json")
-    try:
-        raw = read_json(path)
-    except (OSError, ValueError) as e:
-        raise DistilrayError(f"{folder} is not a T-Free LM folder: unreadable config.json ({e})") from None
-    kind = (raw.get("architecture") or raw.get("model_type")) if isinstance(raw, dict) else None
-    if kind != ARCH:
-        what = f"a {kind!r} model" if kind else "an unknown model"
-        raise DistilrayError(f"{folder} is not a T-Free LM ({ARCH}) folder: its config.json describes {what}")
+    check_model_folder(folder, ARCH, "a T-Free LM")
     if not (Path(folder) / "model.safetensors").is_file():
         raise DistilrayError(f"{folder} has a T-Free LM config.json but no model.safetensors")
     config = TFreeLMConfig(**read_config(folder, ARCH, TFreeLMConfig))
