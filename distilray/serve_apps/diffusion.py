@@ -43,7 +43,6 @@ cannot resolve postponed ones inside a Serve ingress class (see serve_apps/retri
 """
 
 import asyncio
-import json
 import secrets
 import threading
 import time
@@ -55,7 +54,7 @@ from typing import Any
 
 import torch
 from fastapi import Body
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -318,17 +317,6 @@ api = openai_api.make_api(
 )
 
 
-def _sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body)}\n\n"
-
-
-async def _answer(out: DiffusionCompletion, model: str, start: float) -> dict[str, Any]:
-    async def done() -> DiffusionCompletion:
-        return out
-
-    return await openai_api.completion(done, model, start)
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 @serve.ingress(api)
 class CompletionsIngress:
@@ -352,10 +340,10 @@ class CompletionsIngress:
         try:
             out = await self._diffusion.generate.remote(req.prompt or "", params)
         except Exception as exc:  # replica crash: this request fails, the service goes on
-            return _failed(exc)
+            return openai_api.failed(exc)
         if isinstance(out, DiffusionFailure):
             return openai_api.error_response(out.status, out.message, out.param)
-        return await _answer(out, model, start)
+        return await openai_api.answer(out, model, start)
 
     async def _stream(self, prompt: str, params: DiffusionParams, model: str, start: float) -> Any:
         """The event stream; a request the deployment refuses still gets its 400 before any event."""
@@ -363,7 +351,7 @@ class CompletionsIngress:
         try:
             first = await steps.__anext__()
         except Exception as exc:
-            return _failed(exc)
+            return openai_api.failed(exc)
         if isinstance(first, DiffusionFailure):
             return openai_api.error_response(first.status, first.message, first.param)
         # every event shares the id, as OpenAI's chunks do
@@ -379,15 +367,16 @@ class CompletionsIngress:
                 async for item in steps:
                     if isinstance(item, DiffusionStep):
                         choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": None}
-                        yield _sse({**chunk, "choices": [choice], "distilray": {"event": "step", **item.model_dump()}})
+                        extra = {"event": "step", **item.model_dump()}
+                        yield openai_api.sse({**chunk, "choices": [choice], "distilray": extra})
                     elif isinstance(item, DiffusionFailure):
-                        yield _sse(_error_body(openai_api.error_response(item.status, item.message, item.param)))
+                        yield openai_api.error_event(item.status, item.message, item.param)
                     else:
-                        body = await _answer(item, model, start)
+                        body = await openai_api.answer(item, model, start)
                         body["distilray"]["event"] = "final"
-                        yield _sse({**body, **chunk})
+                        yield openai_api.sse({**body, **chunk})
             except Exception as exc:  # the replica died mid-stream: say so in the stream
-                yield _sse(_error_body(_failed(exc)))
+                yield openai_api.sse(openai_api.error_body(openai_api.failed(exc)))
             finally:
                 steps.cancel()  # no-op once finished; stops the sampler when the client left
             yield "data: [DONE]\n\n"
@@ -401,15 +390,6 @@ class CompletionsIngress:
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [openai_api.model_card(self._args.model, role="diffusion")]}
-
-
-def _failed(exc: Exception) -> JSONResponse:
-    first_line = (str(exc).splitlines() or [""])[0]
-    return openai_api.error_response(500, f"generation failed: {type(exc).__name__}: {first_line}")
-
-
-def _error_body(response: JSONResponse) -> dict[str, Any]:
-    return json.loads(response.body)  # the error object, as an event of a stream already under way
 
 
 def build_app(args: dict) -> serve.Application:

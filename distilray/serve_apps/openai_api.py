@@ -6,6 +6,7 @@ the completion, health, models and stats bodies.
 No `from __future__ import annotations`: FastAPI reads annotations at runtime (see serve_apps/retrieval.py).
 """
 
+import json
 import math
 import os
 import time
@@ -168,3 +169,32 @@ async def health(info: Callable[[], Awaitable[dict[str, Any]]], **extra: Any) ->
 def model_card(name: str, **extra: Any) -> dict[str, Any]:
     """One row of GET /v1/models; the body is {"object": "list", "data": [rows]}."""
     return {"id": name, "object": "model", "owned_by": "distilray", **extra}
+
+
+def sse(body: dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON body."""
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def failed(exc: Exception) -> JSONResponse:
+    """HTTP 500 for a replica that crashed on this request (the service goes on)."""
+    first_line = (str(exc).splitlines() or [""])[0]
+    return error_response(500, f"generation failed: {type(exc).__name__}: {first_line}")
+
+
+def error_body(response: JSONResponse) -> dict[str, Any]:
+    return json.loads(response.body)  # the error object, as an event of a stream already under way
+
+
+def error_event(status: int, message: str, param: str | None = None) -> str:
+    """The error object of `error_response`, as an event of a stream already under way."""
+    return sse(error_body(error_response(status, message, param)))
+
+
+async def answer(out: Any, model: str, start: float) -> dict[str, Any]:
+    """`completion` of a result already computed."""
+
+    async def done() -> Any:
+        return out
+
+    return await completion(done, model, start)

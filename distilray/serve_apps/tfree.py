@@ -41,7 +41,6 @@ No `from __future__ import annotations`: FastAPI and pydantic read annotations a
 """
 
 import asyncio
-import json
 import secrets
 import threading
 import time
@@ -53,7 +52,7 @@ from typing import Any, Literal
 
 import torch
 from fastapi import Body
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from ray import serve
@@ -378,26 +377,6 @@ api = openai_api.make_api(
 )
 
 
-def _sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body)}\n\n"
-
-
-def _failed(exc: Exception) -> JSONResponse:
-    first_line = (str(exc).splitlines() or [""])[0]
-    return openai_api.error_response(500, f"generation failed: {type(exc).__name__}: {first_line}")
-
-
-def _error_body(response: JSONResponse) -> dict[str, Any]:
-    return json.loads(response.body)  # the error object, as an event of a stream already under way
-
-
-async def _answer(out: TFreeCompletion, model: str, start: float) -> dict[str, Any]:
-    async def done() -> TFreeCompletion:
-        return out
-
-    return await openai_api.completion(done, model, start)
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 @serve.ingress(api)
 class CompletionsIngress:
@@ -421,10 +400,10 @@ class CompletionsIngress:
         try:
             out = await self._tfree.generate.remote(req.prompt, params)
         except Exception as exc:  # replica crash: this request fails, the service goes on
-            return _failed(exc)
+            return openai_api.failed(exc)
         if isinstance(out, TFreeFailure):
             return openai_api.error_response(out.status, out.message, out.param)
-        return await _answer(out, model, start)
+        return await openai_api.answer(out, model, start)
 
     async def _stream(self, prompt: str, params: TFreeParams, model: str, start: float) -> Any:
         """The event stream; a request the deployment refuses still gets its 400 before any event."""
@@ -432,7 +411,7 @@ class CompletionsIngress:
         try:
             first = await items.__anext__()
         except Exception as exc:
-            return _failed(exc)
+            return openai_api.failed(exc)
         if isinstance(first, TFreeFailure):
             return openai_api.error_response(first.status, first.message, first.param)
         # every event shares the id, as OpenAI's chunks do
@@ -449,16 +428,16 @@ class CompletionsIngress:
                     if isinstance(item, TFreeWord):
                         choice = {"index": 0, "text": item.text, "logprobs": None, "finish_reason": None}
                         extra = {"event": "word", "index": item.index, "word": item.word}
-                        yield _sse({**chunk, "choices": [choice], "distilray": extra})
+                        yield openai_api.sse({**chunk, "choices": [choice], "distilray": extra})
                     elif isinstance(item, TFreeFailure):
-                        yield _sse(_error_body(openai_api.error_response(item.status, item.message, item.param)))
+                        yield openai_api.error_event(item.status, item.message, item.param)
                     else:
-                        body = await _answer(item, model, start)
+                        body = await openai_api.answer(item, model, start)
                         body["choices"][0]["text"] = ""  # the words came already: the chunks' texts add up to it
                         body["distilray"]["event"] = "final"
-                        yield _sse({**body, **chunk})
+                        yield openai_api.sse({**body, **chunk})
             except Exception as exc:  # the replica died mid-stream: say so in the stream
-                yield _sse(_error_body(_failed(exc)))
+                yield openai_api.sse(openai_api.error_body(openai_api.failed(exc)))
             finally:
                 items.cancel()  # no-op once finished; stops the decoding when the client left
             yield "data: [DONE]\n\n"
