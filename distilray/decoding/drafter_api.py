@@ -8,6 +8,10 @@ token. A `Draft` carries the tokens and, when they were sampled, the warped rows
 draft without rows is a point mass (retrieved chunks, prompt lookup), which the acceptance rule
 handles exactly (decoding/sampling.py).
 
+A drafter may also have `max_context`: the most tokens its state can hold (a transformer's position
+table); the loop refuses a request that would not fit. Absent or None means unbounded (n-gram, CNN,
+LSTM, chunks).
+
 `needs_target_hidden` asks the loop for the target's final-layer hidden state at the last position it
 has processed; as in EAGLE that position lags the state by one token (the correction or bonus token
 has not been fed yet), and it is None before the first target pass.
@@ -115,6 +119,7 @@ class DrafterWrapper:
     def __init__(self, inner: Drafter | NextTokenDrafter) -> None:
         self.inner = inner
         self.vocab_size = int(inner.vocab_size)
+        self.max_context: int | None = getattr(inner, "max_context", None)
 
     def start(self, prefix: list[int]) -> None:
         self.inner.start(prefix)
@@ -156,15 +161,40 @@ def model_vocab_size(model) -> int:
     return int(model.config.vocab_size)
 
 
-def check_same_vocab(target_vocab_size: int, drafter: Drafter | NextTokenDrafter) -> None:
-    """Raise DistilrayError unless the drafter proposes over exactly the target's vocabulary.
+def check_same_vocab(
+    target_vocab_size: int, drafter: Drafter | NextTokenDrafter, vocab_limit: int | None = None
+) -> None:
+    """Raise DistilrayError unless the drafter proposes over the target's vocabulary.
 
     Speculative decoding compares p(d) and q(d) token id by token id, so a drafter with another
-    tokenizer would silently give garbage acceptance tests instead of failing.
+    tokenizer would silently give garbage acceptance tests instead of failing. vocab_limit None: the
+    widths must be equal. vocab_limit = the number of real tokens (the tokenizer's length), when the
+    target's logits are padded past it (T5: 32128 for 32100): the drafter must cover the real tokens
+    and may be as wide as the target, i.e. vocab_limit <= drafter width <= target width; the columns
+    past vocab_limit are padding that the loop masks.
     """
     drafter_vocab = int(getattr(drafter, "vocab_size", -1))
-    if drafter_vocab != int(target_vocab_size):
+    target_vocab_size = int(target_vocab_size)
+    if vocab_limit is None:
+        if drafter_vocab != target_vocab_size:
+            raise DistilrayError(
+                f"drafter and target vocabularies differ: drafter has {drafter_vocab} tokens, target has "
+                f"{target_vocab_size}; both must use the same tokenizer (if the target's logits are padded "
+                "past its tokenizer, pass vocab_limit=len(tokenizer))"
+            )
+        return
+    check_vocab_limit(target_vocab_size, vocab_limit)
+    if not vocab_limit <= drafter_vocab <= target_vocab_size:
         raise DistilrayError(
-            f"drafter and target vocabularies differ: drafter has {drafter_vocab} tokens, target has "
-            f"{target_vocab_size}; both must use the same tokenizer"
+            f"drafter and target vocabularies differ: drafter has {drafter_vocab} tokens, the target "
+            f"{vocab_limit} real tokens in {target_vocab_size} logit columns; the drafter must use the same "
+            f"tokenizer and have between {vocab_limit} and {target_vocab_size} columns"
+        )
+
+
+def check_vocab_limit(width: int, vocab_limit: int | None) -> None:
+    """A number of real tokens a model with `width` logit columns can have (None: all of them)."""
+    if vocab_limit is not None and not 1 <= int(vocab_limit) <= int(width):
+        raise DistilrayError(
+            f"vocab_limit (the tokenizer's length) must lie in [1, {width}], the model's logit width; got {vocab_limit}"
         )

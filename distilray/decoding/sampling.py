@@ -5,6 +5,11 @@ The acceptance rule, for a draft token d sampled from q where the target says p:
 accept with probability min(1, p(d) / q(d)); on rejection draw from norm(max(0, p - q)). Every emitted
 token is then distributed as p. A draft without a distribution is a point mass (q = one-hot at d): it is
 accepted with probability p(d), and the residual is p with d zeroed, renormalised.
+
+Padded vocabularies (reference/speculative.md 1): a model may emit more logit columns than its
+tokenizer has tokens (T5: 32128 logits for 32100 tokens). `vocab_limit`, the number of real tokens,
+masks the columns past it to -inf before every softmax, so no padded id is ever drafted, accepted or
+sampled; a drafter over the real tokens only has its q rows padded with zeros to the target's width.
 """
 
 from __future__ import annotations
@@ -40,16 +45,41 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def warp(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+def mask_padded(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
+    """logits (..., V) with the columns >= vocab_limit set to -inf (a copy); as they are when None or >= V."""
+    if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+        return logits
+    if vocab_limit < 1:
+        raise DistilrayError(f"vocab_limit must be >= 1, got {vocab_limit}")
+    masked = logits.clone()
+    masked[..., vocab_limit:] = float("-inf")
+    return masked
+
+
+def pad_columns(probs: torch.Tensor, width: int) -> torch.Tensor:
+    """probs (..., V) -> (..., width) with zeros appended: a drafter over the real tokens only, seen at
+    the target's (padded) width, proposes the padded ids with probability 0."""
+    extra = width - probs.shape[-1]
+    if extra < 0:
+        raise DistilrayError(f"cannot pad {probs.shape[-1]} columns to {width}")
+    return torch.nn.functional.pad(probs, (0, extra)) if extra else probs
+
+
+def warp(logits: torch.Tensor, temperature: float, top_p: float = 1.0, vocab_limit: int | None = None) -> torch.Tensor:
     """logits (..., V) -> probabilities (..., V) float32 after temperature and nucleus (top-p) filtering.
 
     Temperature 0 gives a one-hot argmax. The same transform must be applied to p and q so that the
-    acceptance test targets the warped target distribution.
+    acceptance test targets the warped target distribution. Columns >= vocab_limit (padding past the
+    tokenizer) get probability 0.
     """
-    logits = logits.float()
+    logits = mask_padded(logits.float(), vocab_limit)
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # A tiny positive temperature (1e-30) must tend to the argmax, not NaN: logits / T overflows to
+    # inf (inf - inf = NaN in the softmax), and T may even round to 0 in float32 (0 / 0). Shifting the
+    # top logit to 0 and dividing in float64 leaves 0 for the top and <= 0 (at worst -inf) elsewhere.
+    shifted = logits.double() - logits.max(dim=-1, keepdim=True).values.double()
+    probs = torch.softmax(shifted / temperature, dim=-1).float()
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep a token while the mass strictly before it is below top_p; the top token always stays
@@ -90,8 +120,9 @@ class Sampler:
     so a seed reproduces the whole generation on one machine.
     """
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, vocab_limit: int | None = None) -> None:
         self.params = params
+        self.vocab_limit = vocab_limit  # real tokens: logit columns from here on are padding (None: none)
         self.generator = None if params.greedy else torch.Generator(device="cpu").manual_seed(params.seed)
 
     @property
@@ -99,8 +130,8 @@ class Sampler:
         return self.generator is None
 
     def warp(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (..., V) on any device -> warped probabilities (..., V) float32 on the CPU."""
-        return warp(logits.cpu(), self.params.temperature, self.params.top_p)
+        """logits (..., V) on any device -> warped probabilities (..., V) float32 on the CPU, padding masked."""
+        return warp(logits.cpu(), self.params.temperature, self.params.top_p, self.vocab_limit)
 
     def sample(self, probs: torch.Tensor) -> int:
         return sample_token(probs, self.generator)

@@ -108,12 +108,19 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def max_context(model) -> int:
+def position_limit(model) -> int | None:
+    """The model's position table size from its config (GPT-2 n_positions, Llama max_position_embeddings),
+    or None when the config names none (T5's relative positions)."""
     cfg = model.config
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
         if getattr(cfg, attr, None):
             return int(getattr(cfg, attr))
-    return 1024
+    return None
+
+
+def max_context(model) -> int:
+    """The most tokens a request may span: the position table, or 1024 when the config names none."""
+    return position_limit(model) or 1024
 
 
 def input_vocab_size(model) -> int:

@@ -90,7 +90,8 @@ class NGramDrafter(TokenListState):
     def _backoff_context(self, context: list[int] | tuple[int, ...]) -> Context:
         """Longest suffix of `context` (length <= n-1) seen in training; () if none."""
         table = self._compile()
-        ctx = tuple(int(t) for t in context[len(context) - (self.n - 1) :]) if self.n > 1 else ()
+        # max(0, .): a context shorter than n-1 is used whole (a negative start would keep only its tail)
+        ctx = tuple(int(t) for t in context[max(0, len(context) - (self.n - 1)) :]) if self.n > 1 else ()
         while ctx and ctx not in table:
             ctx = ctx[1:]
         return ctx

@@ -11,6 +11,11 @@ Data sources:
 The loss is a divergence between the target's and the drafter's next-token distributions at a
 temperature (fkl, rkl, jsd, tvd), optionally plus cross-entropy on the data, or plain
 cross-entropy. Checkpoints, resume and caching work as in train-lm.
+
+A target whose logits are padded past its tokenizer (Pythia: 50304 columns for 50277 tokens, or any
+embedding resized with pad_to_multiple_of) teaches only its real tokens: every loss and agreement
+figure keeps the first `vocab_limit` = len(tokenizer) columns of both models, so a CNN/LSTM drafter
+sized to the tokenizer matches it, and the padded ids (never real text) carry no probability.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -36,7 +42,7 @@ from distilray.errors import DistilrayError
 from distilray.eval.acceptance import drafter_agreement
 from distilray.generation import sample_continuations
 from distilray.io_utils import atomic_write_json, folder_fingerprint, read_json
-from distilray.losses.distillation import distillation_loss
+from distilray.losses.distillation import distillation_loss, real_columns
 from distilray.models.causal_lm import load_causal_lm
 from distilray.models.drafters import build_drafter_network, drafter_kind, load_drafter_network, network_logits
 from distilray.ray_train import TrainerHooks, TrainJob, cached_result, train
@@ -44,6 +50,7 @@ from distilray.tokenizer import encode_documents, load_tokenizer
 from distilray.training import batch_rows, flat_tokens, pack_tokens
 
 log = logging.getLogger("distilray.distill_drafter")
+IGNORE_INDEX = -100  # targets left out of the cross-entropy
 
 
 def validate(cfg: DistillDrafterConfig) -> None:
@@ -203,6 +210,8 @@ class DrafterHooks(TrainerHooks):
         target = self.folders.get("target", cfg.target)
         self.teacher = load_causal_lm(target, device=self.worker.device, dtype=torch.float32).requires_grad_(False)
         self._tokenizer = load_tokenizer(target)  # the drafter's tokenizer is the target's
+        # the ids both the tokenizer and the teacher's logits have; columns past them are padding
+        self.vocab_limit = min(len(self._tokenizer), model_vocab_size(self.teacher))
         if "init" in self.folders:
             network = load_drafter_network(self.folders["init"], device="cpu").train()
         else:
@@ -225,13 +234,23 @@ class DrafterHooks(TrainerHooks):
 
     def loss(self, model, batch: torch.Tensor, step: int) -> torch.Tensor:
         inputs, targets = batch[:, :-1].to(self.worker.device), batch[:, 1:].to(self.worker.device)
-        student = network_logits(model, inputs)  # (b, T, V)
+        # on-policy samples of a student wider than the tokenizer may hold padded ids: nothing to learn
+        targets = targets.masked_fill(targets >= self.vocab_limit, IGNORE_INDEX)
+        student = network_logits(model, inputs)  # (b, T, V_s)
         if self.cfg.loss == "ce":
-            return F.cross_entropy(student.float().reshape(-1, student.shape[-1]), targets.reshape(-1))
+            real = real_columns(student, self.vocab_limit).float()
+            return F.cross_entropy(real.reshape(-1, real.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=inputs).logits  # (b, T, V)
+            teacher_logits = self.teacher(input_ids=inputs).logits  # (b, T, V_t), V_t >= V_s when padded
         return distillation_loss(
-            self.cfg.loss, teacher_logits, student, self.cfg.temperature, self.cfg.ce_weight, targets
+            self.cfg.loss,
+            teacher_logits,
+            student,
+            self.cfg.temperature,
+            self.cfg.ce_weight,
+            targets,
+            ignore_index=IGNORE_INDEX,
+            vocab_limit=self.vocab_limit,
         )
 
     def _with_drafter_samples(self, batch: torch.Tensor, step: int) -> torch.Tensor:
@@ -255,5 +274,25 @@ class DrafterHooks(TrainerHooks):
         cfg, val = self.cfg, np.asarray(self.data["validation"])
         if len(val) <= cfg.seq_len:
             return {"alpha_greedy": float("nan"), "alpha_t1": float("nan"), "drafter_ppl": float("nan")}
-        out = drafter_agreement(self.teacher, lambda x: network_logits(model, x), val, cfg.seq_len, cfg.eval_tokens)
+        limit = self.vocab_limit  # both models over the tokenizer's ids only
+        out = drafter_agreement(
+            RealTokens(self.teacher, limit),
+            lambda x: real_columns(network_logits(model, x), limit),
+            val,
+            cfg.seq_len,
+            cfg.eval_tokens,
+        )
         return {k: out[k] for k in ("alpha_greedy", "alpha_t1", "drafter_ppl")}
+
+
+class RealTokens(torch.nn.Module):
+    """A causal LM seen through its first `vocab_limit` logit columns (the tokenizer's ids): what a
+    drafter sized to the tokenizer is compared with."""
+
+    def __init__(self, model: torch.nn.Module, vocab_limit: int) -> None:
+        super().__init__()
+        self.model, self.vocab_limit = model, vocab_limit
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        """input_ids (B, T) -> an output whose .logits is (B, T, vocab_limit)."""
+        return SimpleNamespace(logits=real_columns(self.model(input_ids=input_ids).logits, self.vocab_limit))

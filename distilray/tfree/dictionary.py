@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from distilray.errors import DistilrayError
-from distilray.io_utils import atomic_dir, atomic_write_json
+from distilray.io_utils import OUTPUT_MARKER, atomic_dir, atomic_write_json
 from distilray.tfree.hashing import TrigramVocab, hasher_for
 from distilray.tfree.wordsplit import SPECIAL_WORDS
 
@@ -106,7 +106,7 @@ class Dictionary:
         dictionary's own: one holding other files (a model's weights) is refused, not wiped."""
         folder = Path(folder)
         if folder.is_dir():
-            others = sorted(p.name for p in folder.iterdir() if p.name not in (_JSON, _PATTERNS))
+            others = sorted(p.name for p in folder.iterdir() if p.name not in (_JSON, _PATTERNS, OUTPUT_MARKER))
             if others:
                 raise DistilrayError(
                     f"refusing to replace {folder} with a dictionary: it holds other files ({', '.join(others[:3])})"

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from distilray.decoding.sampling import Sampler, SamplingParams, reached_stop, residual, sample_token, warp
+from distilray.decoding.sampling import (
+    Sampler,
+    SamplingParams,
+    pad_columns,
+    reached_stop,
+    residual,
+    sample_token,
+    warp,
+)
 from distilray.errors import DistilrayError
 
 
@@ -20,6 +28,33 @@ def test_warp():
     assert nucleus[3] == 0 and nucleus[2] > 0 and math.isclose(float(nucleus.sum()), 1.0, rel_tol=1e-6)
     assert warp(logits, 1.0, top_p=0.0).tolist() == [1.0, 0.0, 0.0, 0.0]
     assert warp(logits.repeat(3, 1), 0.5).shape == (3, 4)
+
+
+@pytest.mark.parametrize("temperature", [1e-8, 1e-30, 1e-38, 1e-45, 5e-324])
+def test_tiny_temperatures_tend_to_the_argmax_without_nan(temperature):
+    """logits / T overflows (or T rounds to 0 in float32): the warp must still be a distribution, the
+    limit of softmax(logits / T) as T -> 0: the argmax, or the tied maxima shared equally."""
+    for scale in (1.0, 1e9):  # ordinary logits, and logits whose ratio to 1e-30 overflows float32
+        logits = scale * torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, 3.0, float("-inf")]])
+        for top_p in (1.0, 0.5):
+            probs = warp(logits, temperature, top_p)
+            assert torch.isfinite(probs).all(), (temperature, scale, top_p)
+            torch.testing.assert_close(probs[0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+            assert probs[1, 1] > 0 and probs[1, 0] == probs[1, 3] == 0 and float(probs[1].sum()) == pytest.approx(1.0)
+        torch.testing.assert_close(warp(logits, temperature)[1], torch.tensor([0.0, 0.5, 0.5, 0.0]))
+    sampler = Sampler(SamplingParams(1, temperature=temperature, seed=0))
+    assert sampler.sample(sampler.warp(torch.tensor([0.3, 2.5, -4.0]))) == 1
+
+
+def test_vocab_limit_masks_padded_columns():
+    logits = torch.tensor([1.0, 0.0, 5.0, 9.0])  # the last two columns are padding past a 2-token vocabulary
+    assert warp(logits, 0.0, vocab_limit=2).tolist() == [1.0, 0.0, 0.0, 0.0]
+    probs = warp(logits, 1.0, vocab_limit=2)
+    torch.testing.assert_close(probs, torch.cat([torch.softmax(logits[:2], -1), torch.zeros(2)]))
+    torch.testing.assert_close(warp(logits, 1.0, vocab_limit=4), torch.softmax(logits, -1))  # nothing padded
+    sampler = Sampler(SamplingParams(1, temperature=1.0, seed=0), vocab_limit=2)
+    assert all(sampler.sample(sampler.warp(logits)) < 2 for _ in range(200))
+    torch.testing.assert_close(pad_columns(torch.tensor([[0.25, 0.75]]), 4), torch.tensor([[0.25, 0.75, 0.0, 0.0]]))
 
 
 def test_params_are_checked():

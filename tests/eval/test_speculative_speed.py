@@ -6,6 +6,7 @@ import torch
 from distilray.bench.speculative import held_out_prompts
 from distilray.config import BenchSpeculativeConfig
 from distilray.decoding.drafters import HFDrafter
+from distilray.decoding.speculative import plain_generate
 from distilray.eval.plots import acceptance_vs_gamma
 from distilray.eval.speculative_speed import scan_drafter, step_times, verify_cost
 from distilray.models.causal_lm import build_causal_lm
@@ -36,6 +37,21 @@ def test_a_useless_drafter_still_decodes_losslessly(target, small_tokenizer):
     unigram = NGramDrafter(1, len(tok)).fit([[4] * 50])  # always proposes token 4
     scan, identical = scan_drafter(target, unigram, [[5, 6, 7, 8]], (2,), 10, c=0.01)
     assert identical and scan[2]["alpha"] < 0.5
+
+
+def test_theoretical_speedup_of_a_scan_follows_alpha_gamma_and_c(target, small_tokenizer):
+    """0 < alpha < 1 and c != 1: the scan's theory is E[tau] / (gamma c + 1), with E[tau] = 1 + a + ... + a^g,
+    and with the verification cost v priced in, E[tau] / (gamma c + v)."""
+    tok, _ = small_tokenizer
+    prompt = [5, 6, 7, 8]
+    seq = prompt + plain_generate(target, prompt, 16).token_ids
+    seq[len(prompt) + 2] = 3  # a 4-gram copy of the target's greedy output, wrong at its third token
+    scan, identical = scan_drafter(target, NGramDrafter(4, len(tok)).fit([seq]), [prompt], (3,), 16, 0.25, {3: 2.0})
+    row, a = scan[3], scan[3]["alpha"]
+    assert identical and 0.0 < a < 1.0
+    tau = 1 + a + a**2 + a**3
+    assert row["speedup_theoretical"] == pytest.approx(tau / 1.75)  # 3 * 0.25 + 1
+    assert row["speedup_theoretical_verify_cost"] == pytest.approx(tau / 2.75)  # 3 * 0.25 + 2.0
 
 
 def test_step_times_and_verify_cost_are_positive(target, small_tokenizer):

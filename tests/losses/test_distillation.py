@@ -98,3 +98,74 @@ def test_errors():
         forward_kl(a, torch.zeros(2, 4))
     with pytest.raises(DistilrayError):
         jsd(a, a, beta=1.0)
+
+
+def _grads(fn, p_logits: torch.Tensor, q_logits: torch.Tensor, **kwargs) -> tuple[torch.Tensor, ...]:
+    p, q = p_logits.clone().requires_grad_(True), q_logits.clone().requires_grad_(True)
+    loss = fn(p, q, **kwargs)
+    gp, gq = torch.autograd.grad(loss, (p, q))
+    return loss.detach(), gp, gq
+
+
+@pytest.mark.parametrize("fn", [forward_kl, reverse_kl, jsd, tvd])
+def test_masked_logits_give_finite_gradients_equal_to_the_unmasked_vocabulary(fn):
+    """-inf columns in teacher and student (padded ids): the value and the gradients of the real columns
+    are those of the loss over the real columns alone, and the masked columns get a zero gradient."""
+    torch.manual_seed(3)
+    real_p, real_q = torch.randn(3, 5), torch.randn(3, 5)
+    pad = torch.full((3, 2), float("-inf"))
+    masked_p, masked_q = torch.cat([real_p, pad], -1), torch.cat([real_q, pad], -1)
+    masked_p[1, 0] = masked_q[1, 0] = float("-inf")  # a real id masked in both, inside the vocabulary
+    for temperature in (1.0, 2.0):
+        loss, gp, gq = _grads(fn, masked_p, masked_q, temperature=temperature)
+        assert torch.isfinite(loss) and torch.isfinite(gp).all() and torch.isfinite(gq).all()
+        assert (gp[:, 5:] == 0).all() and (gq[:, 5:] == 0).all() and gp[1, 0] == 0 and gq[1, 0] == 0
+        want, want_gp, want_gq = _grads(fn, masked_p[:, :5], masked_q[:, :5], temperature=temperature)
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(gp[:, :5], want_gp)
+        torch.testing.assert_close(gq[:, :5], want_gq)
+        assert gq.abs().sum() > 0  # the student does learn
+        # vocab_limit drops the padded columns: the same loss and gradients
+        limited, lgp, lgq = _grads(fn, masked_p, masked_q, temperature=temperature, vocab_limit=5)
+        torch.testing.assert_close(limited, loss)
+        torch.testing.assert_close(lgq, gq)
+        torch.testing.assert_close(lgp, gp)
+
+
+@pytest.mark.parametrize(
+    "fn, side", [(forward_kl, "teacher"), (reverse_kl, "student"), (jsd, "teacher"), (jsd, "student"), (tvd, "both")]
+)
+def test_a_masked_id_on_one_side_keeps_gradients_finite(fn, side):
+    """Where the divergence stays finite with an id masked on one side only, so do its gradients."""
+    torch.manual_seed(4)
+    p, q = torch.randn(2, 6), torch.randn(2, 6)
+    if side in ("teacher", "both"):
+        p[:, 2] = float("-inf")
+    if side in ("student", "both"):
+        q[:, 4] = float("-inf")
+    loss, gp, gq = _grads(fn, p, q)
+    assert torch.isfinite(loss) and loss > 0
+    assert torch.isfinite(gp).all() and torch.isfinite(gq).all()
+    if side in ("teacher", "both"):
+        assert (gp[:, 2] == 0).all()
+    if side in ("student", "both"):
+        assert (gq[:, 4] == 0).all()
+
+
+def test_padded_teacher_with_a_narrower_student():
+    """A teacher wider than its tokenizer (padded logits) against a student over the tokenizer only."""
+    torch.manual_seed(5)
+    teacher = torch.randn(2, 3, 8)
+    teacher[..., 6:] = 5.0  # padding columns with large logits: they must not count
+    student = torch.randn(2, 3, 6, requires_grad=True)
+    targets = torch.tensor([[1, 2, 3], [0, 5, 4]])
+    for kind in ("fkl", "rkl", "jsd", "tvd"):
+        got = distillation_loss(kind, teacher, student, 2.0, ce_weight=0.5, targets=targets, vocab_limit=6)
+        want = distillation_loss(kind, teacher[..., :6], student, 2.0, ce_weight=0.5, targets=targets)
+        assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), abs=1e-6)
+        (grad,) = torch.autograd.grad(got, student)
+        assert torch.isfinite(grad).all()
+    with pytest.raises(DistilrayError, match="differ"):
+        distillation_loss("fkl", teacher, student)  # without vocab_limit the widths must agree
+    with pytest.raises(DistilrayError, match="vocab_limit"):
+        distillation_loss("fkl", teacher, student, vocab_limit=7)  # wider than the student

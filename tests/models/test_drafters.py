@@ -36,6 +36,19 @@ def test_ngram_hand_computed():
             assert model.prob(ctx, 1) == pytest.approx(model.probs(ctx)[1])
 
 
+def test_ngram_short_context_backs_off_from_its_whole_length():
+    """A context shorter than n - 1 is looked up whole: with n = 4, the 2-token context (0, 1) is the
+    bigram context, not its last token alone."""
+    quad = NGramDrafter(4, 3).fit([[0, 1, 2], [2, 1, 1], [2, 1, 1]])
+    # (0, 1) -> {2: 1}: (1 + 1) / (1 + 3); the unigram context (1,) -> {1: 2, 2: 1} would give 2 / 6
+    np.testing.assert_allclose(quad.probs([0, 1]), [1 / 4, 1 / 4, 2 / 4])
+    np.testing.assert_allclose(quad.probs([1]), [1 / 6, 3 / 6, 2 / 6])
+    assert quad.prob([0, 1], 2) == pytest.approx(2 / 4)
+    np.testing.assert_allclose(quad.probs([1, 0, 1]), [1 / 4, 1 / 4, 2 / 4])  # (1, 0, 1) unseen -> (0, 1)
+    quad.start([0, 1])  # a 2-token prompt: the drafter's first logits use the bigram context too
+    torch.testing.assert_close(quad.next_logits(), torch.log(torch.tensor([1 / 4, 1 / 4, 2 / 4])))
+
+
 def test_ngram_interface_save_load_merge(tmp_path):
     model = NGramDrafter(3, 3).fit(CORPUS)
     model.start([0, 1])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from distilray.errors import DistilrayError
+from distilray.io_utils import OUTPUT_MARKER
 from distilray.tfree.dictionary import Dictionary, build_dictionary, load_dictionary
 from distilray.tfree.hashing import TrigramVocab, hasher_for
 from distilray.tfree.wordsplit import SPECIAL_WORDS
@@ -64,7 +65,7 @@ def test_save_and_load(tmp_path) -> None:
     d = build_dictionary(COUNTS, VOCAB).with_more_words(["中文", "line\nbreak"])
     folder = tmp_path / "dictionary"
     d.save(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["dictionary.json", "patterns.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [OUTPUT_MARKER, "dictionary.json", "patterns.safetensors"]
     assert json.loads((folder / "dictionary.json").read_text())["vocab"] == {"v": 64, "m": 3, "k": 1}
     loaded = load_dictionary(folder, VOCAB)
     assert loaded.words == d.words and loaded.vocab == VOCAB
