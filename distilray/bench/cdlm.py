@@ -44,6 +44,7 @@ from distilray.eval.mauve import mauve, mean_hidden_features
 from distilray.eval.rouge import rouge_l
 from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import load_causal_lm
+from distilray.models.quantize import apply_quantization
 from distilray.pipelines import build_datastore, extract, train_lm, train_tokenizer
 from distilray.pipelines.cdlm_ppl import test_sequences
 from distilray.pipelines.quickstart import lm_config
@@ -376,7 +377,10 @@ def run(cfg: BenchCDLMConfig) -> dict:
     # the quickstart's target, trained longer: SCD needs a model confident enough to repeat itself
     target = train_lm.run(lm_config(q, q.target_model, cfg.generator_steps, tok_dir))
     gen_dir = target["model_dir"]
-    model, tokenizer = load_causal_lm(gen_dir), load_tokenizer(gen_dir)
+    tokenizer = load_tokenizer(gen_dir)
+    # int8 (a CPU fast path) quantises the generator that decodes, mines and scores; extraction stays float32
+    model = load_causal_lm(gen_dir) if cfg.quantize == "none" else load_causal_lm(gen_dir, "cpu", torch.float32)
+    model = apply_quantization(model, cfg.quantize)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one-token decoding steps of a small model run faster on one thread
     results: dict = {
@@ -384,6 +388,7 @@ def run(cfg: BenchCDLMConfig) -> dict:
         "generator_parameters": target["parameters"],
         "generator_steps": target["steps"],
         "generator_val_ppl": target["val_ppl"],
+        "quantize": cfg.quantize,
     }
     with tempfile.TemporaryDirectory(prefix="distilray-bench-cdlm-") as tmp:
         work = Path(tmp)
@@ -429,7 +434,8 @@ def _goals(r: dict) -> dict:
 
 def format_table(r: dict) -> str:
     lines = [
-        f"bench cdlm: generator {r['generator']} ({r['generator_parameters']:,} params)",
+        f"bench cdlm: generator {r['generator']} ({r['generator_parameters']:,} params, "
+        f"quantize {r.get('quantize', 'none')})",
         f"{'figure':<34}{'value':>12}  goal",
     ]
     for name, g in r["goals"].items():

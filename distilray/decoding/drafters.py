@@ -1,5 +1,6 @@
-"""Decoding-time drafters: Hugging Face LMs with their KV cache, and any saved drafter folder loaded
-as a `Drafter` (the registry of kinds is models/drafters.py).
+"""Decoding-time drafters: Hugging Face LMs with their KV cache, and any saved drafter folder (or the
+`prompt-lookup` spec, which needs no folder) loaded as a `Drafter` (the registry of kinds is
+models/drafters.py).
 
 `HFDrafter` drives any Hugging Face causal LM (the small-transformer drafter, or the target itself
 for testing), `HFSeq2SeqDrafter` an encoder-decoder LM (a small T5 drafting decoder tokens for a T5
@@ -14,9 +15,15 @@ import torch
 
 from distilray.decoding.cached_model import CachedModel
 from distilray.decoding.drafter_api import Drafter, LogitsDrafter, NextTokenAdapter, model_vocab_size
+from distilray.decoding.prompt_lookup import PromptLookupDrafter
 from distilray.decoding.seq2seq import check_encoder_ids, is_encoder_decoder
 from distilray.errors import DistilrayError
+from distilray.models.causal_lm import position_limit
 from distilray.models.drafters import DRAFTERS, drafter_kind, network_kind
+from distilray.models.quantize import apply_quantization, check_quantize_mode
+
+PROMPT_LOOKUP = "prompt-lookup"
+PROMPT_LOOKUP_KEYS = {"n": "max_ngram", "m": "min_ngram", "k": "max_draft"}
 
 
 class HFDrafter(LogitsDrafter):
@@ -31,6 +38,8 @@ class HFDrafter(LogitsDrafter):
     def __init__(self, model, encoder_ids: list[int] | None = None) -> None:
         self.model = model
         self.vocab_size = model_vocab_size(model)
+        # tokens the state may hold (its position table; None: unbounded), checked by the loop up front
+        self.max_context: int | None = position_limit(model)
         self.forward_passes = 0
         self._tokens: list[int] = []
         self._lm = CachedModel(model, encoder_ids)
@@ -111,6 +120,54 @@ def drafter_for(network: torch.nn.Module) -> Drafter:
     return NextTokenAdapter(kind.state(network))
 
 
-def load_drafter(folder: str | Path, device: str | torch.device = "cpu") -> Drafter:
-    """A saved drafter folder (any kind) -> a `Drafter` ready for speculative decoding."""
-    return drafter_for(DRAFTERS[drafter_kind(folder)].load(folder, device))
+def is_prompt_lookup(spec: str | Path) -> bool:
+    """Whether a drafter spec names prompt lookup (`prompt-lookup` or `prompt-lookup:n=3,k=8`) rather than a folder."""
+    text = str(spec)
+    return text == PROMPT_LOOKUP or text.startswith(PROMPT_LOOKUP + ":")
+
+
+def prompt_lookup_drafter(spec: str, vocab_size: int) -> PromptLookupDrafter:
+    """`prompt-lookup[:n=N,m=M,k=K]` -> a PromptLookupDrafter over the target's `vocab_size` ids
+    (n: the longest n-gram matched, default 3; m: the shortest, default 1; k: the most tokens drafted, default 8)."""
+    if not is_prompt_lookup(spec):
+        raise DistilrayError(f"{spec!r} is not a prompt-lookup spec (prompt-lookup or prompt-lookup:n=3,k=8)")
+    options: dict[str, int] = {}
+    _, _, rest = str(spec).partition(":")
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key.strip() not in PROMPT_LOOKUP_KEYS:
+            raise DistilrayError(
+                f"bad prompt-lookup option {part!r} in {spec!r}: use n=<max ngram>, m=<min ngram>, k=<max draft>"
+            )
+        try:
+            options[PROMPT_LOOKUP_KEYS[key.strip()]] = int(value)
+        except ValueError:
+            raise DistilrayError(f"prompt-lookup option {key.strip()} must be an integer, got {value!r}") from None
+    return PromptLookupDrafter(int(vocab_size), **options)
+
+
+def load_drafter(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    quantize: str = "none",
+    vocab_size: int | None = None,
+) -> Drafter:
+    """A saved drafter folder (any kind), or a prompt-lookup spec, -> a `Drafter` ready for speculative decoding.
+
+    quantize: "none" or "int8" (models/quantize.py; CPU only) for a network drafter (transformer, CNN,
+    LSTM); n-gram and prompt-lookup drafters have no network and ignore it. vocab_size: the target's
+    (`model_vocab_size(target)`), required by prompt lookup, which has no folder to read it from;
+    folder drafters carry their own (the loop checks that it equals the target's).
+    """
+    check_quantize_mode(quantize)
+    if is_prompt_lookup(folder):
+        if vocab_size is None:
+            raise DistilrayError(
+                "a prompt-lookup drafter takes the target's vocabulary: pass vocab_size=model_vocab_size(target)"
+            )
+        return prompt_lookup_drafter(str(folder), vocab_size)
+    kind = drafter_kind(folder)
+    network = DRAFTERS[kind].load(folder, device)
+    if DRAFTERS[kind].build is not None:  # a trainable network; the counted n-gram has none
+        network = apply_quantization(network, quantize)
+    return drafter_for(network)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from distilray import corpus
 from distilray.actors.cluster import ensure_ray
 from distilray.actors.datastore import DatastoreRouter
@@ -13,6 +15,7 @@ from distilray.decoding.retrieval import chunk_hit_rate, fps, mean_chunk_length,
 from distilray.errors import DistilrayError
 from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import load_causal_lm
+from distilray.models.quantize import apply_quantization
 from distilray.tokenizer import encode_documents, load_tokenizer, vocab_fingerprint
 
 
@@ -41,7 +44,9 @@ def run(cfg: CDLMGenerateConfig) -> dict:
         raise DistilrayError("cdlm-generate needs model=PATH (the generation model)")
     mode = "baseline" if cfg.gen_baseline_only else cfg.mode
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model)
+    # int8 kernels are CPU only: a quantised model is loaded there in float32, then quantised
+    model = load_causal_lm(cfg.model) if cfg.quantize == "none" else load_causal_lm(cfg.model, "cpu", torch.float32)
+    model = apply_quantization(model, cfg.quantize)
     prompts = load_prompts(cfg, tokenizer)
     ensure_ray()
     router = None if mode == "baseline" else DatastoreRouter.open(cfg.datastore, vocab_fingerprint(tokenizer))
@@ -69,6 +74,7 @@ def run(cfg: CDLMGenerateConfig) -> dict:
     summary = {
         "save_dir": str(save.resolve()),
         "mode": mode,
+        "quantize": cfg.quantize,
         "prompts": len(records),
         "generated_tokens": tokens,
         "forward_passes": sum(r.forward_passes for r in records),
