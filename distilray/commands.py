@@ -220,6 +220,15 @@ BENCHMARKS: tuple[Command, ...] = (
         example="--json OUT",
     ),
     Command(
+        "serve",
+        "both text apps under 1-16 concurrent clients over HTTP: batched vs one at a time, latency, TTFT, "
+        "identical greedy answers, a fault under load",
+        C.BenchServeConfig,
+        "distilray.bench.serve_load:run",
+        "table",
+        example="--json OUT",
+    ),
+    Command(
         "sdtt",
         "SDTT: teacher and students of every divergence, Gen PPL beside entropy and MAUVE against steps, LAMBADA, "
         "AR baselines",

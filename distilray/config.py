@@ -245,6 +245,7 @@ class CDLMGenerateConfig(Config):
     max_new_tokens: int = 50
     temperature: float = 0.0
     save_dir: str = "artifacts/cdlm_generations"
+    quantize: Literal["none", "int8"] = "none"  # int8: the model quantised for the CPU (models/quantize.py)
     seed: int = 0
 
 
@@ -288,6 +289,7 @@ class BenchCDLMConfig(Config):
     datastore_keys: int = 1_000_000
     datastore_dim: int = 256
     datastore_queries: int = 2000
+    quantize: Literal["none", "int8"] = "none"  # int8: the generator quantised for the CPU (models/quantize.py)
     json_out: str = ""
     seed: int = 0
 
@@ -381,6 +383,26 @@ class BenchSpeculativeConfig(Config):
     pseudo_temperature: float = 0.7
     threads: int = 1  # torch threads while timing decoding (the serve replica gets the same)
     include_t5: bool = True  # the encoder-decoder setting on cnndm (trains its own small T5s)
+    quantize: Literal["none", "int8"] = "none"  # int8: target and neural drafters quantised (models/quantize.py)
+    json_out: str = ""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchServeConfig(Config):
+    """`distilray bench serve`: the speculative and CD-LM apps under 1-16 concurrent clients over HTTP,
+    batched against one request at a time, then a replica and a datastore shard killed under load."""
+
+    artifacts_dir: str = "artifacts"
+    target: str = ""  # a causal LM folder; empty: the quickstart's target (trained and cached)
+    levels: tuple[int, ...] = (1, 2, 4, 8, 16)  # concurrent clients
+    requests_per_client: int = 4
+    max_tokens: int = 32  # greedy tokens a request
+    gamma: int = 4
+    max_batch_size: int = 8
+    quantize: Literal["none", "int8"] = "none"
+    fault: bool = True  # the fault-under-load run
+    fault_seconds: float = 30.0
     json_out: str = ""
     seed: int = 0
 

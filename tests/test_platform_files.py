@@ -194,6 +194,14 @@ def test_cluster_installs_the_synced_repo(cluster: dict) -> None:
         assert excluded in cluster["rsync_exclude"]
 
 
+def test_cluster_dashboard_listens_on_loopback_only(cluster: dict) -> None:
+    """The dashboard's job API runs code: reachable only through `ray dashboard cluster.yaml`'s tunnel."""
+    head = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "0.0.0.0" not in head
+    assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text(encoding="utf-8")
+
+
 def test_cluster_matches_rays_autoscaler_schema(cluster: dict) -> None:
     """Validated against the schema file shipped with the installed Ray (read as JSON, Ray not imported)."""
     import jsonschema  # comes with ray[default]
@@ -232,7 +240,7 @@ def test_serve_config() -> None:
     from distilray.serve_apps.speculative import parse_args
 
     args = parse_args(spec["args"])  # every arg is one the app accepts, and the values pass its checks
-    assert args.default_drafter in args.drafters and set(args.drafters) == {"ngram3", "transformer"}
+    assert args.default_drafter in args.drafters and set(args.drafters) == {"ngram3", "transformer", "lookup"}
     diffusion = apps["diffusion"]
     assert diffusion["import_path"] == "distilray.serve_apps.diffusion:app"
     from distilray.serve_apps.diffusion import parse_args as parse_diffusion_args

@@ -30,6 +30,7 @@ from distilray.decoding.speculative import (
     MAX_GAMMA,
     SpecRecord,
     SpeculativeParams,
+    TokenHook,
     check_request,
     plain_decode,
     speculative_decode,
@@ -54,10 +55,12 @@ class GenerationRecord:
     steps: int = 0  # decisions between "copy a chunk" and "take one LM token" (verify: one per forward pass)
     seconds: float = 0.0  # wall time, prefill included
     mode: str = "paper"
+    on_token: TokenHook | None = field(default=None, repr=False, compare=False)  # sees each token as emitted
 
     def to_json(self, tokenizer=None) -> dict:
         """The per-prompt result (the original eval.py writes one JSON per prompt); text needs a tokenizer."""
         out = asdict(self)
+        del out["on_token"]  # a hook, not a result
         n = len(self.token_ids)
         out["num_generated"] = n
         out["seconds_per_token"] = self.seconds / n if n else None
@@ -91,25 +94,38 @@ def retrieval_decode(
     lookup: Lookup | None,
     params: SamplingParams,
     method: RetrievalParams = RetrievalParams(),
+    vocab_limit: int | None = None,
+    on_token: TokenHook | None = None,
 ) -> GenerationRecord:
     """Continue `prompt_ids` by up to params.max_new_tokens tokens, copying retrieved chunks where they match.
 
     `lookup` is ignored in `baseline` mode; None in the other modes means "never a hit". Greedy `verify`
-    output equals greedy `baseline` output.
+    output equals greedy `baseline` output. vocab_limit: the tokenizer's length when the model's logits
+    are padded past it (those ids are never sampled, and a chunk holding one is an error). on_token
+    sees each generated token as it is emitted (a server streams with it).
     """
-    check_request(model, prompt_ids, params)
-    record = GenerationRecord(prompt_ids=[int(t) for t in prompt_ids], mode=method.mode)
+    check_request(model, prompt_ids, params, vocab_limit=vocab_limit)
+    record = GenerationRecord(prompt_ids=[int(t) for t in prompt_ids], mode=method.mode, on_token=on_token)
+    vocab = vocab_limit or model_vocab_size(model)  # the ids a chunk may hold
     if method.mode == "baseline" or lookup is None:
-        _from_spec(record, plain_decode(model, record.prompt_ids, params), chunks_used=0)
+        _from_spec(
+            record,
+            plain_decode(model, record.prompt_ids, params, vocab_limit=vocab_limit, on_token=on_token),
+            chunks_used=0,
+        )
     elif method.mode == "verify":
-        drafter = ChunkDrafter(lookup, method.similarity_threshold, model_vocab_size(model))
+        drafter = ChunkDrafter(lookup, method.similarity_threshold, vocab)
         # a chunk is drafted whole: gamma only caps it (the budget cuts it too)
-        spec = speculative_decode(model, drafter, record.prompt_ids, params, SpeculativeParams(gamma=MAX_GAMMA))
+        gamma = SpeculativeParams(gamma=MAX_GAMMA)
+        spec = speculative_decode(
+            model, drafter, record.prompt_ids, params, gamma, vocab_limit=vocab_limit, on_token=on_token
+        )
         _from_spec(record, spec, drafter.chunks_used)
     else:
         start = time.perf_counter()
         if params.max_new_tokens > 0:
-            _paper_loop(CachedModel(model), Sampler(params), record, params, lookup, method.similarity_threshold)
+            sampler = Sampler(params, vocab_limit)
+            _paper_loop(CachedModel(model), sampler, record, params, lookup, method.similarity_threshold, vocab)
         record.seconds = time.perf_counter() - start
     return record
 
@@ -125,10 +141,12 @@ def retrieval_generate(
     seed: int = 0,
     eos_token_id: int | None = None,
     top_p: float = 1.0,
+    vocab_limit: int | None = None,
 ) -> GenerationRecord:
     """`retrieval_decode` with its parameters as keywords."""
     params = SamplingParams(max_new_tokens, temperature, top_p, seed, eos_token_id)
-    return retrieval_decode(model, prompt_ids, lookup, params, RetrievalParams(mode, similarity_threshold))
+    method = RetrievalParams(mode, similarity_threshold)
+    return retrieval_decode(model, prompt_ids, lookup, params, method, vocab_limit)
 
 
 def _from_spec(record: GenerationRecord, spec: SpecRecord, chunks_used: int) -> None:
@@ -144,6 +162,8 @@ def _emit(record: GenerationRecord, token: int, from_chunk: bool, params: Sampli
     record.token_ids.append(token)
     record.from_chunk.append(from_chunk)
     record.chunk_tokens_accepted += from_chunk
+    if record.on_token is not None:
+        record.on_token(token)
     return reached_stop(record.token_ids, params)
 
 
@@ -154,9 +174,11 @@ def _paper_loop(
     params: SamplingParams,
     lookup: Lookup,
     threshold: float,
+    vocab: int,
 ) -> None:
-    """paper mode: each forward pass yields the next query and the fallback distribution (note 3.5)."""
-    vocab, budget = model_vocab_size(lm.model), params.max_new_tokens
+    """paper mode: each forward pass yields the next query and the fallback distribution (note 3.5);
+    `vocab`: chunk ids must lie below it."""
+    budget = params.max_new_tokens
     fed = lm.feed(record.prompt_ids, hidden=True)
     last = record.prompt_ids[-1]
     while True:

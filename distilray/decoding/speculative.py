@@ -10,23 +10,38 @@ norm(max(0, p - q)) and a fully accepted block earns a bonus token from p_{g+1}.
 distributed as the warped target distribution; greedy output equals greedy target decoding.
 The rule itself (warp, test, residual) is decoding/sampling.py; CD-LM `verify` runs through this same
 loop with a chunk drafter (decoding/chunk_drafter.py).
+
+Padded vocabularies (T5, Pythia: more logit columns than tokenizer tokens): pass `vocab_limit`, the
+tokenizer's length. The target's columns from there on are masked to -inf before every softmax (so
+greedy and sampled output never holds a padded id), and a drafter over the real tokens only (n-gram,
+CNN, LSTM: sized to len(tokenizer)) has its q rows padded with zeros to the target's width.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from distilray.decoding.cached_model import CachedModel
-from distilray.decoding.drafter_api import Drafter, NextTokenDrafter, as_drafter, check_same_vocab, model_vocab_size
-from distilray.decoding.sampling import Sampler, SamplingParams, reached_stop, residual
+from distilray.decoding.drafter_api import (
+    Draft,
+    Drafter,
+    NextTokenDrafter,
+    as_drafter,
+    check_same_vocab,
+    check_vocab_limit,
+    model_vocab_size,
+)
+from distilray.decoding.sampling import Sampler, SamplingParams, pad_columns, reached_stop, residual
 from distilray.decoding.seq2seq import check_encoder_ids
 from distilray.errors import DistilrayError
 from distilray.models.causal_lm import check_prompt
 
 MAX_GAMMA = 64
+TokenHook = Callable[[int], None]  # called with each generated token as it is emitted (streaming)
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,7 @@ class SpecRecord:
     drafter_calls: int = 0  # drafted tokens asked of the drafter (one next_logits call each for logits drafters)
     gamma_history: list[int] = field(default_factory=list)  # draft length of each step
     seconds: float = 0.0
+    on_token: TokenHook | None = field(default=None, repr=False, compare=False)  # sees each token as emitted
 
     @property
     def alpha(self) -> float:
@@ -89,6 +105,8 @@ class SpecRecord:
         self.token_ids.append(token)
         self.from_draft.append(drafted)
         self.accepted += drafted
+        if self.on_token is not None:
+            self.on_token(token)
         return reached_stop(self.token_ids, params)
 
 
@@ -115,10 +133,34 @@ def optimal_gamma(alpha: float, c: float, gamma_max: int = 16) -> int:
     return max(range(1, gamma_max + 1), key=lambda g: theoretical_speedup(alpha, g, c))
 
 
-def check_request(model, prompt_ids: list[int], params: SamplingParams, encoder_ids: list[int] | None = None) -> None:
+def check_request(
+    model,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    encoder_ids: list[int] | None = None,
+    vocab_limit: int | None = None,
+) -> None:
     """A prompt (and source) the target can decode within its context: a clear error otherwise."""
     check_prompt(model, prompt_ids, params.max_new_tokens)
     check_encoder_ids(model, encoder_ids)
+    check_vocab_limit(model_vocab_size(model), vocab_limit)
+    if vocab_limit is not None and any(int(t) >= vocab_limit for t in prompt_ids):
+        raise DistilrayError(f"a prompt token id is a padded id, past the tokenizer's {vocab_limit} tokens")
+
+
+def check_drafter_context(drafter: Drafter, prompt_ids: list[int], params: SamplingParams) -> None:
+    """Refuse up front a request longer than the drafter's context (its `max_context`, None: unbounded).
+
+    Refused rather than slid: a drafter with learned positions would have to re-encode its whole window
+    at every step once it slides (each token's position changes), costing more than it saves, and a
+    clear error beats an IndexError from its position table mid-generation.
+    """
+    limit = getattr(drafter, "max_context", None)
+    if limit is not None and len(prompt_ids) + params.max_new_tokens > limit:
+        raise DistilrayError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+            f"drafter's context of {limit}; ask for fewer tokens or decode without this drafter"
+        )
 
 
 @torch.inference_mode()
@@ -129,23 +171,29 @@ def speculative_decode(
     params: SamplingParams,
     method: SpeculativeParams = SpeculativeParams(),
     encoder_ids: list[int] | None = None,
+    vocab_limit: int | None = None,
+    on_token: TokenHook | None = None,
 ) -> SpecRecord:
     """Continue `prompt_ids` by up to params.max_new_tokens tokens, lossless w.r.t. the warped target.
 
     Drafts never run past the token budget. Encoder-decoder target: `encoder_ids` is the source
     (required), `prompt_ids` the decoder prefix, and the drafter proposes decoder tokens (an
-    `HFSeq2SeqDrafter` holds its own encoding of the source).
+    `HFSeq2SeqDrafter` holds its own encoding of the source). vocab_limit: the tokenizer's length when
+    the target's logits are padded past it (None: every column is a token); see check_same_vocab.
+    on_token sees each generated token as it is emitted (a server streams with it).
     """
-    check_request(target, prompt_ids, params, encoder_ids)
+    check_request(target, prompt_ids, params, encoder_ids, vocab_limit)
     own_source = getattr(drafter, "encoder_ids", None)
     if own_source is not None and encoder_ids is not None and list(own_source) != [int(t) for t in encoder_ids]:
         raise DistilrayError("the drafter was built for another source text (its encoder_ids differ from the target's)")
     drafter = as_drafter(drafter)
-    check_same_vocab(model_vocab_size(target), drafter)
-    record = SpecRecord()
+    check_same_vocab(model_vocab_size(target), drafter, vocab_limit)
+    check_drafter_context(drafter, prompt_ids, params)
+    record = SpecRecord(on_token=on_token)
     start = time.perf_counter()
     if params.max_new_tokens > 0:
-        _loop(CachedModel(target, encoder_ids), drafter, [int(t) for t in prompt_ids], params, method, record)
+        sampler = Sampler(params, vocab_limit)
+        _loop(CachedModel(target, encoder_ids), drafter, [int(t) for t in prompt_ids], sampler, method, record)
     record.seconds = time.perf_counter() - start
     return record
 
@@ -154,12 +202,12 @@ def _loop(
     lm: CachedModel,
     drafter: Drafter,
     prompt: list[int],
-    params: SamplingParams,
+    sampler: Sampler,
     method: SpeculativeParams,
     record: SpecRecord,
 ) -> None:
     """The steps of one generation, from the prefill to the budget or EOS; fills `record`."""
-    sampler = Sampler(params)
+    params = sampler.params
     budget, gamma = params.max_new_tokens, method.first_gamma()
     hidden = drafter.needs_target_hidden
     target_hidden = None  # (d,) at the last position the target has processed
@@ -177,7 +225,9 @@ def _loop(
         cached = lm.length()
         # one pass: p_1..p_{g+1}, p_i = p(. | sequence, d_<i)
         fed = lm.feed(pending + draft.tokens, keep=g + 1, hidden=hidden)
-        p_probs = sampler.warp(fed.logits)  # (g+1, V)
+        p_probs = sampler.warp(fed.logits)  # (g+1, V), padded ids masked
+        if draft.probs is not None:  # a drafter over the real tokens only gives the padded ids q = 0
+            draft = Draft(draft.tokens, pad_columns(draft.probs, p_probs.shape[-1]))  # q rows (g, V)
         record.drafted += g
         record.gamma_history.append(g)
         k = 0
@@ -216,26 +266,33 @@ def speculative_generate(
     gamma_min: int = 1,
     gamma_max: int = 8,
     encoder_ids: list[int] | None = None,
+    vocab_limit: int | None = None,
 ) -> SpecRecord:
     """`speculative_decode` with its parameters as keywords."""
     params = SamplingParams(max_new_tokens, temperature, top_p, seed, eos_token_id)
     method = SpeculativeParams(gamma, adaptive_gamma, gamma_min, gamma_max)
-    return speculative_decode(target, drafter, prompt_ids, params, method, encoder_ids)
+    return speculative_decode(target, drafter, prompt_ids, params, method, encoder_ids, vocab_limit)
 
 
 @torch.inference_mode()
 def plain_decode(
-    target, prompt_ids: list[int], params: SamplingParams, encoder_ids: list[int] | None = None
+    target,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    encoder_ids: list[int] | None = None,
+    vocab_limit: int | None = None,
+    on_token: TokenHook | None = None,
 ) -> SpecRecord:
     """The KV-cached baseline: one target pass per generated token (the prefill yields the first).
 
     Encoder-decoder target: `encoder_ids` is the source (encoded once), `prompt_ids` the decoder prefix.
+    vocab_limit: the tokenizer's length when the logits are padded past it (those columns are masked).
     """
-    check_request(target, prompt_ids, params, encoder_ids)
-    record = SpecRecord()
+    check_request(target, prompt_ids, params, encoder_ids, vocab_limit)
+    record = SpecRecord(on_token=on_token)
     start = time.perf_counter()
     if params.max_new_tokens > 0:
-        lm, sampler = CachedModel(target, encoder_ids), Sampler(params)
+        lm, sampler = CachedModel(target, encoder_ids), Sampler(params, vocab_limit)
         pending = [int(t) for t in prompt_ids]
         while True:
             y = sampler.sample(sampler.warp(lm.feed(pending).logits[0]))
@@ -256,7 +313,8 @@ def plain_generate(
     seed: int = 0,
     eos_token_id: int | None = None,
     encoder_ids: list[int] | None = None,
+    vocab_limit: int | None = None,
 ) -> SpecRecord:
     """`plain_decode` with its parameters as keywords."""
     params = SamplingParams(max_new_tokens, temperature, top_p, seed, eos_token_id)
-    return plain_decode(target, prompt_ids, params, encoder_ids)
+    return plain_decode(target, prompt_ids, params, encoder_ids, vocab_limit)

@@ -71,6 +71,7 @@ from distilray.serve_apps.schemas import (
     DiffusionStart,
     DiffusionStats,
     DiffusionStep,
+    model_id_of,
 )
 
 ENV_MODEL = "DISTILRAY_DIFFUSION_MODEL"
@@ -134,7 +135,7 @@ class DiffusionDeployment:
 
     async def info(self) -> dict[str, Any]:
         return {
-            "model": self._name,
+            "model": model_id_of(self._name),
             "seq_len": self._config.seq_len,
             "vocab_size": self._config.vocab_size,
             "mask_id": self._config.mask_id,
@@ -334,7 +335,7 @@ class CompletionsIngress:
         if not isinstance(req, DiffusionRequest):
             return req  # the 400
         params = req.params(self._args, seed=secrets.randbits(63))  # unseeded sampling varies
-        model = req.model or self._args.model
+        model = model_id_of(self._args.model)
         if req.stream:
             return await self._stream(req.prompt or "", params, model, start)
         try:
@@ -389,7 +390,7 @@ class CompletionsIngress:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [openai_api.model_card(self._args.model, role="diffusion")]}
+        return {"object": "list", "data": [openai_api.model_card(model_id_of(self._args.model), role="diffusion")]}
 
 
 def build_app(args: dict) -> serve.Application:

@@ -21,6 +21,9 @@ from typing import Any
 
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # q rows of gamma drafts over a large vocabulary fit well inside
 HELLO_MAX_BYTES = 4096
+HELLO_TIMEOUT_S = 5.0  # a connection that does not authenticate at once is dropped
+IDLE_TIMEOUT_S = 600.0  # an authenticated connection silent this long is dropped (clients reconnect)
+MAX_CONNECTIONS = 64  # one per target replica and drafter in practice; more is a leak or an attack
 Handler = Callable[[dict[str, Any], bytes], tuple[dict[str, Any], bytes]]  # (header, blob) -> (header, blob)
 
 
@@ -51,11 +54,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 class LoopbackServer:
     """Listens on 127.0.0.1 (an ephemeral port) and answers each authenticated connection's frames
-    with `handler`, one thread per connection. A handler exception answers {"error": "Type: message"}
-    and the connection goes on."""
+    with `handler`, one thread per connection, at most `max_connections` at once (others are closed at
+    once). A handler exception answers {"error": "Type: message"} and the connection goes on."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(
+        self, handler: Handler, max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S
+    ) -> None:
         self._handler = handler
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._idle_timeout_s = idle_timeout_s
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
         self.token = secrets.token_hex(16)
@@ -68,16 +75,21 @@ class LoopbackServer:
             except OSError:  # e.g. out of file descriptors: callers fall back to their slower path meanwhile
                 time.sleep(0.1)
                 continue
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # full: the caller falls back to its slower path
+                continue
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(HELLO_TIMEOUT_S)
             try:
                 hello, _ = recv_frame(conn, max_bytes=HELLO_MAX_BYTES)  # nothing big before the token is checked
                 token = hello.get("token") if isinstance(hello, dict) else None
                 if not hmac.compare_digest(str(token), self.token):
                     return
+                conn.settimeout(self._idle_timeout_s)
                 while True:
                     header, blob = recv_frame(conn)
                     try:
@@ -86,7 +98,9 @@ class LoopbackServer:
                         reply, reply_blob = {"error": f"{type(exc).__name__}: {exc}"}, b""
                     send_frame(conn, reply, reply_blob)
             except (ConnectionError, OSError, ValueError):
-                return  # the caller went away (or spoke nonsense): drop the connection
+                return  # the caller went away, stayed silent, or spoke nonsense: drop the connection
+            finally:
+                self._slots.release()
 
 
 class LoopbackClient:

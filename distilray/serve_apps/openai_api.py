@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distilray.errors import DistilrayError
-from distilray.serve_apps.schemas import Completion, GenerationFailure
+from distilray.serve_apps.schemas import Completion, GenerationFailure, TextDelta
 
 Args = TypeVar("Args", bound=BaseModel)
 Body = TypeVar("Body", bound=BaseModel)
@@ -90,6 +90,8 @@ def validate_request(model: type[Body], body: Any, args: BaseModel) -> Body | JS
         return model.model_validate(body, context={"args": args})
     except ValidationError as exc:
         message, param = _validation_message(exc.errors())
+        if exc.errors()[0].get("type") == "model_not_found":  # OpenAI and vLLM answer an unknown model with 404
+            return error_response(404, message, param, kind="model_not_found")
         return error_response(400, message, param)
 
 
@@ -123,33 +125,106 @@ def finite_or_none(x: float) -> float | None:
 
 
 async def completion(
-    generate: Callable[[], Awaitable[Completion | GenerationFailure]], model: str, start: float | None = None
+    generate: Callable[[], Awaitable[Completion | GenerationFailure]],
+    model: str,
+    start: float | None = None,
+    chat: bool = False,
 ) -> Any:
-    """Await the target's generate call and answer in the OpenAI completion shape, its stats as the
-    `distilray` block (plus `request_seconds` since `start` when given). A GenerationFailure becomes
-    that error; a failed call, a 500."""
+    """Await the target's generate call and answer in the OpenAI completion shape (chat completion
+    when `chat`), its stats as the `distilray` block (plus `request_seconds` since `start` when given).
+    A GenerationFailure becomes that error; a failed call, a 500."""
     try:
         out = await generate()
     except Exception as exc:  # replica crash, timeout: this request fails, the service goes on
-        return error_response(500, f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        return failed(exc)
     if isinstance(out, GenerationFailure):
-        return error_response(out.status, out.message)
+        return error_response(out.status, out.message, getattr(out, "param", None))
     stats = out.stats.model_dump()
     if start is not None:
         stats["request_seconds"] = time.perf_counter() - start
+    head = response_head(model, chat)
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": out.text}}
+    else:
+        choice = {"index": 0, "text": out.text}
+    choice |= {"logprobs": None, "finish_reason": out.finish_reason}
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}],
-        "usage": {
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens,
-        },
+        **head,
+        "object": head["object"].removesuffix(".chunk"),
+        "choices": [choice],
+        "usage": usage(out),
         "distilray": stats,
     }
+
+
+def response_head(model: str, chat: bool) -> dict[str, Any]:
+    """id, object, created and model: what every chunk of one streamed response shares."""
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    }
+
+
+def usage(out: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+        "total_tokens": out.prompt_tokens + out.completion_tokens,
+    }
+
+
+def text_chunk(head: dict[str, Any], text: str, chat: bool, first: bool = False) -> str:
+    """One streamed piece of text as an SSE event (a chat's first delta also names the role)."""
+    if chat:
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+    return sse({**head, "choices": [choice]})
+
+
+def final_chunk(head: dict[str, Any], out: Completion, chat: bool, start: float) -> str:
+    """The last event: no new text, the finish reason, usage and the `distilray` statistics."""
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": out.finish_reason}
+    choice |= {"delta": {}} if chat else {"text": ""}
+    stats = out.stats.model_dump() | {"request_seconds": time.perf_counter() - start, "event": "final"}
+    return sse({**head, "choices": [choice], "usage": usage(out), "distilray": stats})
+
+
+async def text_stream(items: Any, model: str, start: float, chat: bool) -> Any:
+    """Answer a text app's streamed request from its target's items (serve_apps/schemas.py: TextStart,
+    then TextDelta per emitted block, then the Completion; a GenerationFailure instead of TextStart is
+    the request's error, sent before any event). A replica lost mid-stream ends the stream with an
+    error event; a client that leaves cancels the generation."""
+    try:
+        first = await items.__anext__()
+    except Exception as exc:
+        return failed(exc)
+    if isinstance(first, GenerationFailure):
+        return error_response(first.status, first.message, getattr(first, "param", None))
+    head = response_head(model, chat)
+
+    async def events() -> Any:
+        sent = False
+        try:
+            async for item in items:
+                if isinstance(item, TextDelta):
+                    if item.text:
+                        yield text_chunk(head, item.text, chat, first=not sent)
+                        sent = True
+                elif isinstance(item, GenerationFailure):
+                    yield error_event(item.status, item.message)
+                else:
+                    yield final_chunk(head, item, chat, start)
+        except Exception as exc:  # the replica died mid-stream: say so in the stream
+            yield sse(error_body(failed(exc)))
+        finally:
+            items.cancel()  # no-op once finished; stops the decoding when the client left
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 async def or_unavailable(call: Callable[[], Awaitable[Any]], what: str) -> Any:

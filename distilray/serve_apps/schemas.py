@@ -36,13 +36,35 @@ def _app_args(info: ValidationInfo) -> Any:
 
 
 class ReplicaResources(BaseModel):
-    """The target replica's resources (torch threads = max(1, int(num_cpus)); bf16 on a GPU)."""
+    """What the text apps share: the target replica's resources (torch threads = max(1, int(num_cpus));
+    bf16 on a GPU), its weights' precision, the model id clients see, and the request limits."""
 
     model_config = ConfigDict(extra="forbid")
 
+    served_model_name: str | None = Field(
+        None, min_length=1, description="the model id of responses and /v1/models; default: the model folder's name"
+    )
     max_tokens_limit: int = Field(512, ge=1, description="the largest max_tokens a request may ask for")
+    max_prompt_bytes: int = Field(
+        262_144, ge=1, description="the largest prompt (UTF-8 bytes, all messages together) a request may send"
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: dynamic int8 weights on CPU (FBGEMM), lossless w.r.t. the model served"
+    )
     num_cpus: float = Field(1, ge=0, description="CPUs of the target replica (torch threads = max(1, int(num_cpus)))")
     num_gpus: float = Field(0, ge=0, description="GPUs of the target replica")
+
+    def model_id(self, folder: str) -> str:
+        """served_model_name, else the folder's last part: a response never shows a filesystem path."""
+        return self.served_model_name or model_id_of(folder)
+
+
+def model_id_of(folder: str) -> str:
+    """A model id for a folder or hub name without the path before it ('org/name' hub ids stay whole)."""
+    path = folder.rstrip("/")
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        return path  # a hub id
+    return path.rsplit("/", 1)[-1] or "model"
 
 
 class RetrievalAppArgs(ReplicaResources):
@@ -54,6 +76,10 @@ class RetrievalAppArgs(ReplicaResources):
     similarity_threshold: float = Field(
         0.5, ge=-1.0, le=1.0, allow_inf_nan=False, description="default cosine threshold for a chunk to be used"
     )
+
+    @property
+    def served(self) -> str:
+        return self.model_id(self.model)
 
 
 class SpeculativeAppArgs(ReplicaResources):
@@ -70,6 +96,19 @@ class SpeculativeAppArgs(ReplicaResources):
         0, ge=0, description="CPUs of each drafter replica; 0: a drafter and its target take turns"
     )
     drafter_num_gpus: float = Field(0, ge=0, description="GPUs of each drafter replica")
+    target_replicas: int | None = Field(
+        None, ge=1, description="a fixed count of target replicas; default: Serve's (serve_config.yaml autoscales)"
+    )
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="requests a target replica decodes together (continuous batching)"
+    )
+    batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="how long an idle target replica waits for a burst to gather before its first step (0: none; "
+        "requests that come later join at the next step anyway)",
+    )
     drafter_transport: Literal["auto", "serve"] = Field(
         "auto",
         description="auto: a loopback socket to a drafter replica on the target's node, Serve handle "
@@ -95,6 +134,10 @@ class SpeculativeAppArgs(ReplicaResources):
                 raise ValueError(f"drafter name {name!r} must match {DRAFTER_NAME.pattern} and not be {NO_DRAFTER!r}")
         return value
 
+    @property
+    def served(self) -> str:
+        return self.model_id(self.target)
+
     @model_validator(mode="after")
     def _resolve_default_drafter(self) -> "SpeculativeAppArgs":
         if self.default_drafter is None:
@@ -113,14 +156,48 @@ class SpeculativeAppArgs(ReplicaResources):
 class CompletionRequest(BaseModel):
     """The OpenAI completions fields both apps take; validated in field order, so the 400 names the first."""
 
-    model: str | None = Field(None, description="accepted and echoed: each app serves one model")
+    model: str | None = Field(None, description="the app's served_model_name, or absent")
     prompt: str = Field(min_length=1, description="the text to continue")
     max_tokens: int = Field(16, ge=0, description="tokens to generate at most (the app caps it: max_tokens_limit)")
     temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="0: greedy")
     top_p: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
     seed: int | None = Field(None, ge=SEED_MIN, lt=SEED_END, description="sampling seed (64 bits)")
     n: Literal[1] = Field(1, description="choices: these apps serve one")
-    stream: Literal[False] = Field(False, description="streaming is not supported")
+    stream: bool = Field(False, description="send the text as server-sent events while it is generated")
+    stream_options: dict[str, Any] | None = Field(None, description="accepted; the last event carries usage")
+    stop: list[str] = Field(default_factory=list, description="up to 4 strings; the text ends before the first")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else [] if value is None else value  # OpenAI takes str | list
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str]) -> list[str]:
+        if len(value) > 4 or not all(value):
+            raise PydanticCustomError(
+                "stop", "stop takes at most 4 non-empty strings, got {value}", {"value": repr(value)}
+            )
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _served_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        served = getattr(_app_args(info), "served", None)
+        if value is not None and served is not None and value != served:
+            raise PydanticCustomError(
+                "model_not_found",
+                "the model {value} is not served here; this app serves {served}",
+                {"value": repr(value), "served": repr(served)},
+            )
+        return value
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _prompt_size(cls, value: Any, info: ValidationInfo) -> Any:
+        _check_prompt_bytes(len(value.encode()) if isinstance(value, str) else 0, info)
+        return value
 
     @field_validator("max_tokens")
     @classmethod
@@ -134,6 +211,10 @@ class CompletionRequest(BaseModel):
             )
         return value
 
+    def text_input(self) -> "str | list[dict[str, str]]":
+        """What the target renders into prompt tokens: the prompt, or a chat's messages."""
+        return self.prompt
+
     def sampling(self, seed: int) -> SamplingParams:
         """The decoder's sampling parameters; `seed` stands in for a missing one (the app decides how)."""
         return SamplingParams(
@@ -142,6 +223,48 @@ class CompletionRequest(BaseModel):
             top_p=float(self.top_p),
             seed=self.seed if self.seed is not None else seed,
         )
+
+
+def _check_prompt_bytes(size: int, info: ValidationInfo) -> None:
+    """Refuse a prompt over the app's max_prompt_bytes before anything tokenises it."""
+    limit = getattr(_app_args(info), "max_prompt_bytes", None)
+    if limit is not None and size > limit:
+        raise PydanticCustomError(
+            "max_prompt_bytes",
+            "the prompt is {size} bytes; this server takes at most {limit}",
+            {"size": size, "limit": limit},
+        )
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat: OpenAI's role and text content."""
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class ChatFields(BaseModel):
+    """What a chat completion takes instead of a prompt; the target renders it with the chat template."""
+
+    prompt: None = Field(None, exclude=True, description="chats send messages")
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    max_completion_tokens: int | None = Field(None, ge=0, description="OpenAI's newer name for max_tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _newer_max_tokens(cls, body: Any) -> Any:
+        if isinstance(body, dict) and body.get("max_completion_tokens") is not None and "max_tokens" not in body:
+            body = {**body, "max_tokens": body["max_completion_tokens"]}
+        return body
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_size(cls, value: list[ChatMessage], info: ValidationInfo) -> list[ChatMessage]:
+        _check_prompt_bytes(sum(len(m.content.encode()) for m in value), info)
+        return value
+
+    def text_input(self) -> "str | list[dict[str, str]]":
+        return [m.model_dump() for m in self.messages]
 
 
 class RetrievalRequest(CompletionRequest):
@@ -161,24 +284,9 @@ class RetrievalRequest(CompletionRequest):
 class SpeculativeRequest(CompletionRequest):
     """A completion for the speculative app; `gamma`, `drafter` and `adaptive_gamma` are distilray's own."""
 
-    stop: list[str] = Field(default_factory=list, description="up to 4 strings; the text ends before the first")
     gamma: int | None = Field(None, ge=1, le=MAX_GAMMA, description="draft length; default: the app's")
     drafter: str | None = Field(None, description=f"a configured drafter name or {NO_DRAFTER!r}; default: the app's")
     adaptive_gamma: bool = Field(False, description="grow gamma after accepted blocks, shrink it after misses")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_stop_string(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else [] if value is None else value  # OpenAI takes str | list
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value: list[str]) -> list[str]:
-        if len(value) > 4 or not all(value):
-            raise PydanticCustomError(
-                "stop", "stop takes at most 4 non-empty strings, got {value}", {"value": repr(value)}
-            )
-        return value
 
     @field_validator("drafter")
     @classmethod
@@ -200,6 +308,14 @@ class SpeculativeRequest(CompletionRequest):
         return SpeculativeParams(
             gamma=gamma, adaptive_gamma=self.adaptive_gamma, gamma_max=max(gamma, ADAPTIVE_GAMMA_MAX)
         )
+
+
+class RetrievalChatRequest(ChatFields, RetrievalRequest):
+    """POST /v1/chat/completions of the CD-LM app."""
+
+
+class SpeculativeChatRequest(ChatFields, SpeculativeRequest):
+    """POST /v1/chat/completions of the speculative app."""
 
 
 # -- between deployments -----------------------------------------------------------------------------
@@ -226,7 +342,8 @@ class SpeculativeStats(BaseModel):
     drafter_seconds: float = 0.0  # compute inside the drafter
     composition_seconds: float = 0.0  # their difference: serialisation, transport, scheduling
     session_restarts: int = 0
-    drafter_transport: str | None = None
+    drafter_transport: str | None = None  # socket | serve | local (prompt lookup runs in the target)
+    replica: str | None = None  # the target replica that decoded it
 
 
 class RetrievalStats(BaseModel):
@@ -240,6 +357,7 @@ class RetrievalStats(BaseModel):
     lookups: int
     lookup_seconds: float
     seconds: float
+    replica: str | None = None  # the target replica that decoded it
 
 
 class Completion(BaseModel):
@@ -257,6 +375,33 @@ class GenerationFailure(BaseModel):
 
     message: str
     status: int = 400
+
+
+@dataclass(frozen=True)
+class TextJob:
+    """One request as the ingress hands it to a text app's target."""
+
+    text_input: str | list[dict[str, str]]  # a prompt, or a chat's messages (the target renders them)
+    sampling: SamplingParams
+    stop: list[str]
+    method: Any = None  # SpeculativeParams or RetrievalParams
+    drafter: str = NO_DRAFTER
+
+
+class TextStart(BaseModel):
+    """First item of a text stream: the request was accepted."""
+
+    prompt_tokens: int
+
+
+class TextDelta(BaseModel):
+    """Text a stream adds: one emitted block (an accepted draft block and its correction, or a chunk)."""
+
+    text: str
+    tokens: int
+
+
+StreamItem = TextStart | TextDelta | Completion | GenerationFailure
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ import asyncio
 import dataclasses
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from distilray.decoding.sampling import SamplingParams
-from distilray.decoding.speculative import SpeculativeParams, plain_decode, speculative_decode
 from distilray.errors import DistilrayError
 from distilray.serve_apps import openai_api
+from distilray.serve_apps.batching import BatchJob, BatchLoop
 from distilray.serve_apps.openai_api import finite_or_none
 from distilray.serve_apps.schemas import (
     NO_DRAFTER,
@@ -53,8 +54,13 @@ from distilray.serve_apps.schemas import (
     DrafterChannel,
     GenerationFailure,
     SpeculativeAppArgs,
+    SpeculativeChatRequest,
     SpeculativeRequest,
     SpeculativeStats,
+    StreamItem,
+    TextDelta,
+    TextJob,
+    TextStart,
 )
 from distilray.serve_apps.speculative_drafter import (
     STEP_TIMEOUT_S,
@@ -63,6 +69,7 @@ from distilray.serve_apps.speculative_drafter import (
     serve_calls,
     socket_calls,
 )
+from distilray.serve_apps.text_output import TextStream, render_prompt
 
 ENV_TARGET = "DISTILRAY_TARGET"
 ENV_DRAFTERS = "DISTILRAY_DRAFTERS"
@@ -79,9 +86,11 @@ def parse_args(args: dict[str, Any] | SpeculativeAppArgs | None) -> SpeculativeA
 
 def check_vocabularies(args: SpeculativeAppArgs) -> int:
     """The target's vocabulary size, after checking from config files (no weights) that every drafter
-    proposes over the same vocabulary, and uses the same tokenizer where its folder holds one."""
+    proposes over the same vocabulary (sized to the tokenizer or to the target's padded logits), and uses
+    the same tokenizer where its folder holds one."""
     from transformers import AutoConfig
 
+    from distilray.decoding.drafters import is_prompt_lookup
     from distilray.io_utils import read_json
     from distilray.models.drafters import drafter_kind
     from distilray.tokenizer import check_same_tokenizer, load_tokenizer
@@ -91,17 +100,20 @@ def check_vocabularies(args: SpeculativeAppArgs) -> int:
     except Exception as exc:
         raise DistilrayError(f"cannot read the target {args.target!r}: {str(exc).splitlines()[0]}") from None
     vocab = int(config.get_text_config().vocab_size)
-    tokenizer = None
+    tokenizer = load_tokenizer(args.target)
+    real = min(len(tokenizer), vocab)  # a target's logits may be padded past its tokenizer
+
     for name, folder in args.drafters.items():
+        if is_prompt_lookup(folder):
+            continue  # no folder: it proposes from the request's own tokens, over any vocabulary
         drafter_kind(folder)  # a clear error for a missing or foreign folder
         theirs = read_json(Path(folder) / "config.json").get("vocab_size")
-        if theirs != vocab:
+        if not isinstance(theirs, int) or not real <= theirs <= vocab:
             raise DistilrayError(
                 f"drafter {name!r} ({folder}) proposes over {theirs} tokens but the target "
                 f"{args.target!r} has {vocab}: a drafter must use the target's tokenizer"
             )
         if any(Path(folder).glob("tokenizer*")):
-            tokenizer = tokenizer or load_tokenizer(args.target)
             check_same_tokenizer(tokenizer, load_tokenizer(folder), f"drafter {name!r} and target")
     return vocab
 
@@ -109,9 +121,10 @@ def check_vocabularies(args: SpeculativeAppArgs) -> int:
 # -- target side -------------------------------------------------------------------------------------
 
 
-@serve.deployment(max_ongoing_requests=8)
+@serve.deployment(max_ongoing_requests=64)
 class TargetDeployment:
-    """The target LM: tokenises, decodes one request at a time (speculative or plain), detokenises."""
+    """The target LM: tokenises, decodes every request in flight together (continuous batching:
+    serve_apps/batching.py), detokenises, and streams each emitted block as text."""
 
     def __init__(
         self,
@@ -120,24 +133,35 @@ class TargetDeployment:
         num_threads: int = 1,
         device: str = "cpu",
         transport: str = "auto",
+        quantize: str = "none",
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 0.0,
+        local_drafters: dict[str, str] | None = None,
     ) -> None:
         import ray
         from ray.serve import metrics
 
+        from distilray.decoding.batched import BatchDecoder
         from distilray.decoding.drafter_api import model_vocab_size
         from distilray.models.causal_lm import load_causal_lm, max_context
+        from distilray.models.quantize import apply_quantization
         from distilray.tokenizer import load_tokenizer
 
         torch.set_num_threads(max(1, int(num_threads)))
         self._tokenizer = load_tokenizer(target)
-        self._model = load_causal_lm(target, device=device)
+        self._model = apply_quantization(load_causal_lm(target, device=device), quantize)
         self._context, self._vocab = max_context(self._model), model_vocab_size(self._model)
-        self._name, self._drafters = target, drafters
+        # logits padded past the tokenizer (Pythia, T5): those ids are masked, and drafters may be sized to it
+        self._limit = len(self._tokenizer) if len(self._tokenizer) < self._vocab else None
+        self._drafter_vocab: dict[str, int] = {}
+        self._name, self._drafters, self._quantize = target, drafters, quantize
+        self._local_drafters = dict(local_drafters or {})  # name -> prompt-lookup spec, run in this process
         self._transport, self._node_id = transport, ray.get_runtime_context().get_node_id()
+        self._replica = serve.get_replica_context().replica_id.unique_id
         self._connections: dict[str, DrafterChannel] = {}  # drafter name -> DrafterDeployment.connect()
-        # drafter name -> (transport, step, end), used by the generate thread only
+        # drafter name -> (transport, step, end), used by the batch thread only
         self._calls: dict[str, tuple[str, Any, Any]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")  # blocks on drafter calls
+        self._batch = BatchLoop(BatchDecoder(self._model, max_batch_size), batch_wait_ms / 1000)
         self._metrics = {
             key: metrics.Counter(
                 f"distilray_spec_{key}",
@@ -150,39 +174,174 @@ class TargetDeployment:
 
     async def info(self) -> dict[str, Any]:
         return {
-            "target": self._name,
             "context": self._context,
             "vocab_size": self._vocab,
             "device": str(next(self._model.parameters()).device),
-            "drafters": list(self._drafters),
+            "quantize": self._quantize,
+            "drafters": [*self._drafters, *self._local_drafters],
+            "replica": self._replica,
+            "batch": self._batch.stats(),
         }
 
     async def totals(self) -> dict[str, dict[str, int]]:
         return self._totals
 
-    async def generate(
-        self, prompt: str, sampling: SamplingParams, method: SpeculativeParams, drafter: str, stop: list[str]
-    ) -> Completion | GenerationFailure:
+    async def generate(self, job: TextJob) -> Completion | GenerationFailure:
         """One completion, or the failure to answer with (400: the request, 500: the deployment)."""
-        if drafter != NO_DRAFTER and drafter not in self._connections:
-            # first use: Serve calls for the drafter's vocabulary and channel; this replica sticks to them
-            handle = self._drafters[drafter]
-            info, connection = await asyncio.gather(handle.info.remote(), handle.connect.remote())
-            if int(info["vocab_size"]) != self._vocab:
-                return GenerationFailure(
-                    status=500,
-                    message=f"drafter {drafter!r} proposes over {info['vocab_size']} "
-                    f"tokens but the target has {self._vocab}: a drafter must use the target's "
-                    "tokenizer",
-                )
-            self._connections[drafter] = connection
-        loop = asyncio.get_running_loop()
+        last: Any = None
+        async for item in self._run(job):
+            last = item
+        return last
+
+    async def stream(self, job: TextJob) -> AsyncIterator[StreamItem]:
+        """TextStart (or a GenerationFailure, then nothing), a TextDelta per emitted block, then the
+        Completion (or a GenerationFailure)."""
+        async for item in self._run(job):
+            yield item
+
+    async def _connect(self, drafter: str) -> GenerationFailure | None:
+        """First use of a remote drafter: its vocabulary and channel, asked once per replica."""
+        if drafter in self._connections:
+            return None
+        handle = self._drafters[drafter]
+        info, connection = await asyncio.gather(handle.info.remote(), handle.connect.remote())
+        if not (self._limit or self._vocab) <= int(info["vocab_size"]) <= self._vocab:
+            return GenerationFailure(
+                status=500,
+                message=f"drafter {drafter!r} proposes over {info['vocab_size']} tokens but the target has "
+                f"{self._vocab}: a drafter must use the target's tokenizer",
+            )
+        self._drafter_vocab[drafter] = int(info["vocab_size"])
+        self._connections[drafter] = connection
+        return None
+
+    def _prepare(self, job: TextJob) -> tuple[list[int], SamplingParams, list[str]]:
+        """Prompt ids, sampling with EOS, and the stop strings (a chat's template may add one)."""
+        from distilray.models.causal_lm import check_prompt
+
+        prompt, extra_stop = render_prompt(self._tokenizer, job.text_input)
+        prompt_ids = [int(t) for t in self._tokenizer(prompt)["input_ids"]]
+        check_prompt(self._model, prompt_ids, job.sampling.max_new_tokens)  # before any drafter session opens
+        sampling = dataclasses.replace(job.sampling, eos_token_id=self._tokenizer.eos_token_id)
+        return prompt_ids, sampling, [*job.stop, *(s for s in extra_stop if not job.stop)]
+
+    def _drafter(self, name: str) -> tuple[Any, str | None]:
+        """(the request's drafter, its transport): None for plain decoding, a prompt-lookup drafter in
+        this process, or a proxy of a drafter replica's session."""
+        from distilray.decoding.drafters import load_drafter
+
+        if name == NO_DRAFTER:
+            return None, None
+        if name in self._local_drafters:
+            return load_drafter(self._local_drafters[name], vocab_size=self._vocab), "local"
+        transport = self._drafter_calls(name)[0]
+        # the proxy resolves its calls when it first steps, on the batch thread
+        return RemoteDrafter(
+            lambda request: self._drafter_calls(name)[1](request),
+            lambda session: self._drafter_calls(name)[2](session),
+            self._drafter_vocab[name],
+            reconnect=lambda: self._drafter_calls(name, True)[1:],
+        ), transport
+
+    async def _run(self, job: TextJob) -> AsyncIterator[StreamItem]:
+        if job.drafter != NO_DRAFTER and job.drafter not in self._local_drafters:
+            failure = await self._connect(job.drafter)
+            if failure is not None:
+                yield failure
+                return
         try:
-            out = await loop.run_in_executor(self._pool, self._generate, prompt, sampling, method, drafter, stop)
+            prompt_ids, sampling, stop = self._prepare(job)
+            drafter, transport = self._drafter(job.drafter)
         except DistilrayError as exc:
-            return GenerationFailure(message=str(exc))
-        self._count(drafter, out.stats)
-        return out
+            yield GenerationFailure(message=str(exc))
+            return
+        yield TextStart(prompt_tokens=len(prompt_ids))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        request_id, start = uuid.uuid4().hex, time.perf_counter()
+        close = drafter.close if isinstance(drafter, RemoteDrafter) else None
+        self._batch.submit(
+            BatchJob(
+                request_id,
+                prompt_ids,
+                sampling,
+                lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                drafter,
+                job.method,
+                on_leave=close,
+                vocab_limit=self._limit,
+            )
+        )
+        text, done = TextStream(self._tokenizer, stop), False
+        try:
+            while not done:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    done = True
+                    status = 400 if isinstance(event, DistilrayError) else 500
+                    yield GenerationFailure(status=status, message=f"{type(event).__name__}: {event}")
+                    return
+                done = event.finished
+                if event.error is not None:  # this request's drafter failed; the batch went on
+                    yield GenerationFailure(status=500, message=f"drafter {job.drafter!r} failed: {event.error}")
+                    return
+                delta = text.add(event.new_tokens)
+                if text.stopped and not done:
+                    self._batch.cancel(request_id)  # the stop string came: the rest is not wanted
+                    done = True
+                if delta:
+                    yield TextDelta(text=delta, tokens=len(event.new_tokens))
+            if rest := text.rest():
+                yield TextDelta(text=rest, tokens=0)
+            out = self._completion(job, event.record, text, len(prompt_ids), time.perf_counter() - start, drafter)
+            self._count(job.drafter, out.stats)
+            if transport is not None:
+                out.stats.drafter_transport = transport
+            yield out
+        finally:
+            if not done:
+                self._batch.cancel(request_id)  # the client left: the row leaves at the next step
+
+    def _completion(
+        self, job: TextJob, record: Any, text: TextStream, prompt_tokens: int, seconds: float, drafter: Any
+    ) -> Completion:
+        ids = record.token_ids
+        eos = self._tokenizer.eos_token_id
+        stopped = text.stopped or (eos is not None and bool(ids) and ids[-1] == eos)
+        a, d = record.accepted, record.drafted
+        stats = SpeculativeStats(
+            drafter=job.drafter,
+            gamma=None if drafter is None else job.method.gamma,
+            adaptive_gamma=job.method.adaptive_gamma,
+            drafted=d,
+            accepted=a,
+            rejections=record.rejections,
+            target_passes=record.target_passes,
+            generated_tokens=len(ids),
+            mean_accepted_length=finite_or_none(record.mean_accepted_length),
+            alpha=finite_or_none(record.alpha),
+            draft_acceptance_rate=a / d if d else None,
+            seconds=seconds,
+            tokens_per_s=len(ids) / seconds if seconds > 0 else None,
+            replica=self._replica,
+        )
+        if isinstance(drafter, RemoteDrafter):
+            stats = stats.model_copy(
+                update=dict(
+                    drafter_round_trips=drafter.round_trips,
+                    round_trip_seconds=drafter.round_trip_seconds,
+                    drafter_seconds=drafter.drafter_seconds,
+                    composition_seconds=drafter.round_trip_seconds - drafter.drafter_seconds,
+                    session_restarts=drafter.restarts,
+                )
+            )
+        return Completion(
+            text=text.text,
+            finish_reason="stop" if stopped else "length",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=text.completion_tokens(),
+            stats=stats,
+        )
 
     def _drafter_calls(self, drafter: str, fresh: bool = False) -> tuple[str, Any, Any]:
         """(transport, step, end) for a drafter; `fresh` asks its deployment again (replica replaced)."""
@@ -198,77 +357,6 @@ class TargetDeployment:
                     calls = None
             self._calls[drafter] = calls or ("serve", *serve_calls(self._drafters[drafter]))
         return self._calls[drafter]
-
-    def _generate(
-        self, prompt: str, sampling: SamplingParams, method: SpeculativeParams, drafter: str, stop: list[str]
-    ) -> Completion:
-        from distilray.models.causal_lm import check_prompt
-
-        prompt_ids = [int(t) for t in self._tokenizer(prompt)["input_ids"]]
-        check_prompt(self._model, prompt_ids, sampling.max_new_tokens)  # before any drafter session is opened
-        eos = self._tokenizer.eos_token_id
-        sampling = dataclasses.replace(sampling, eos_token_id=eos)
-        proxy = None
-        if drafter == NO_DRAFTER:
-            record = plain_decode(self._model, prompt_ids, sampling)
-        else:
-            transport, step, end = self._drafter_calls(drafter)
-            proxy = RemoteDrafter(step, end, self._vocab, reconnect=lambda: self._drafter_calls(drafter, True)[1:])
-            try:
-                record = speculative_decode(self._model, proxy, prompt_ids, sampling, method)
-            finally:
-                proxy.close()
-        ids = record.token_ids
-        text, n_tokens, stopped = self._cut_at_stop(ids, stop)
-        stopped = stopped or (eos is not None and bool(ids) and ids[-1] == eos)
-        a, d = record.accepted, record.drafted
-        stats = SpeculativeStats(
-            drafter=drafter,
-            gamma=None if proxy is None else method.gamma,
-            adaptive_gamma=method.adaptive_gamma,
-            drafted=d,
-            accepted=a,
-            rejections=record.rejections,
-            target_passes=record.target_passes,
-            generated_tokens=len(ids),
-            mean_accepted_length=finite_or_none(record.mean_accepted_length),
-            alpha=finite_or_none(record.alpha),
-            draft_acceptance_rate=a / d if d else None,
-            seconds=record.seconds,
-            tokens_per_s=len(ids) / record.seconds if record.seconds > 0 else None,
-        )
-        if proxy is not None:
-            stats = stats.model_copy(
-                update=dict(
-                    drafter_round_trips=proxy.round_trips,
-                    round_trip_seconds=proxy.round_trip_seconds,
-                    drafter_seconds=proxy.drafter_seconds,
-                    composition_seconds=proxy.round_trip_seconds - proxy.drafter_seconds,
-                    session_restarts=proxy.restarts,
-                    drafter_transport=transport,
-                )
-            )
-        return Completion(
-            text=text,
-            finish_reason="stop" if stopped else "length",
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=n_tokens,
-            stats=stats,
-        )
-
-    def _cut_at_stop(self, ids: list[int], stop: list[str]) -> tuple[str, int, bool]:
-        """(text, its token count, stopped): the text ends before the first stop string (OpenAI `stop`).
-
-        Decoding runs to the budget or EOS first: the lossless decoder has no stop-string hook.
-        """
-        decode = self._tokenizer.decode
-        text = decode(ids, skip_special_tokens=True)
-        cuts = [text.find(s) for s in stop if s in text]
-        if not cuts:
-            return text, len(ids), False
-        cut = min(cuts)
-        n = next(i for i in range(len(ids) + 1) if len(decode(ids[:i], skip_special_tokens=True)) >= cut)
-        return text[:cut], n, True
 
     def _count(self, drafter: str, stats: SpeculativeStats) -> None:
         values = {
@@ -291,40 +379,48 @@ class TargetDeployment:
 api = openai_api.make_api(title="distilray speculative decoding", description="OpenAI-style completions with drafters")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class CompletionsIngress:
-    """HTTP front: validates requests, calls the target, shapes OpenAI-style responses."""
+    """HTTP front: validates requests, calls the target, shapes OpenAI-style responses (streamed or not)."""
 
     def __init__(self, target: DeploymentHandle, drafters: dict[str, DeploymentHandle], args: dict[str, Any]) -> None:
         self._target, self._drafters = target, drafters
+        self._streaming = target.options(stream=True)
         self._args = SpeculativeAppArgs.model_validate(args)
 
     @api.post("/v1/completions", openapi_extra=openai_api.request_schema(SpeculativeRequest))
     async def completions(self, body: Any = Body(...)) -> Any:
+        return await self._answer(SpeculativeRequest, body, chat=False)
+
+    @api.post("/v1/chat/completions", openapi_extra=openai_api.request_schema(SpeculativeChatRequest))
+    async def chat_completions(self, body: Any = Body(...)) -> Any:
+        return await self._answer(SpeculativeChatRequest, body, chat=True)
+
+    async def _answer(self, kind: type[SpeculativeRequest], body: Any, chat: bool) -> Any:
         start = time.perf_counter()
-        req = openai_api.validate_request(SpeculativeRequest, body, self._args)
+        req = openai_api.validate_request(kind, body, self._args)
         if not isinstance(req, SpeculativeRequest):
             return req  # the 400
-        sampling = req.sampling(seed=secrets.randbits(63))  # unseeded sampling varies
-        return await openai_api.completion(
-            lambda: self._target.generate.remote(
-                req.prompt, sampling, req.method(self._args), req.drafter_name(self._args), req.stop
-            ),
-            req.model or self._args.target,
-            start,
+        job = TextJob(
+            text_input=req.text_input(),
+            sampling=req.sampling(seed=secrets.randbits(63)),  # unseeded sampling varies
+            stop=req.stop,
+            method=req.method(self._args),
+            drafter=req.drafter_name(self._args),
         )
+        if req.stream:
+            return await openai_api.text_stream(self._streaming.stream.remote(job), self._args.served, start, chat)
+        return await openai_api.completion(lambda: self._target.generate.remote(job), self._args.served, start, chat)
 
     @api.get("/healthz")
     async def healthz(self) -> Any:
-        return await openai_api.health(self._target.info.remote)
+        return await openai_api.health(self._target.info.remote, served_model_name=self._args.served)
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        rows = [openai_api.model_card(self._args.target, role="target")]
-        rows += [
-            openai_api.model_card(name, role="drafter", folder=folder) for name, folder in self._args.drafters.items()
-        ]
+        rows = [openai_api.model_card(self._args.served, role="target")]
+        rows += [openai_api.model_card(name, role="drafter") for name in self._args.drafters]
         return {"object": "list", "data": rows}
 
     @api.get("/v1/stats")
@@ -340,9 +436,12 @@ class CompletionsIngress:
 
 def build_app(args: dict) -> serve.Application:
     """Serve application builder: checks vocabularies up front, then binds one drafter deployment per
-    configured drafter, the target and the ingress."""
+    configured drafter folder (prompt-lookup drafters run inside the target), the target and the ingress."""
+    from distilray.decoding.drafters import is_prompt_lookup
+
     parsed = parse_args(args)
     check_vocabularies(parsed)
+    local = {name: spec for name, spec in parsed.drafters.items() if is_prompt_lookup(spec)}
     drafters = {
         name: DrafterDeployment.options(
             name=f"Drafter-{name}",
@@ -353,17 +452,26 @@ def build_app(args: dict) -> serve.Application:
             parsed.max_sessions,
             max(1, int(parsed.drafter_num_cpus)),
             "cuda" if parsed.drafter_num_gpus > 0 else "cpu",
+            parsed.quantize,
         )
         for name, folder in parsed.drafters.items()
+        if name not in local
     }
+    # a fixed count only when asked: it would clash with an autoscaling_config from serve_config.yaml
+    replicas = {"num_replicas": parsed.target_replicas} if parsed.target_replicas else {}
     target = TargetDeployment.options(
-        ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus}
+        **replicas,
+        ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus},
     ).bind(
         parsed.target,
         drafters,
         max(1, int(parsed.num_cpus)),
         "cuda" if parsed.num_gpus > 0 else "cpu",
         parsed.drafter_transport,
+        parsed.quantize,
+        parsed.max_batch_size,
+        parsed.batch_wait_ms,
+        local,
     )
     return CompletionsIngress.bind(target, drafters, parsed.model_dump())
 

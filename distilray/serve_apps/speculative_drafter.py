@@ -44,14 +44,21 @@ class DrafterSessions:
     """One drafter, many concurrent generations: per-session states (shallow copies sharing the weights)."""
 
     def __init__(
-        self, name: str, folder: str, max_sessions: int = 256, num_threads: int = 1, device: str = "cpu"
+        self,
+        name: str,
+        folder: str,
+        max_sessions: int = 256,
+        num_threads: int = 1,
+        device: str = "cpu",
+        quantize: str = "none",
     ) -> None:
         from distilray.decoding.drafters import load_drafter
         from distilray.models.drafters import drafter_kind
 
         torch.set_num_threads(max(1, int(num_threads)))
-        self._info = {"name": name, "folder": folder, "kind": drafter_kind(folder)}
-        self._template = load_drafter(folder, device)
+        # the kind, never the folder: /v1/stats must not show the server's paths
+        self._info = {"name": name, "kind": drafter_kind(folder), "quantize": quantize}
+        self._template = load_drafter(folder, device, quantize=quantize)
         # build lazy tables (n-gram) and warm the kernels once, so session copies share them
         self._template.start([0])
         self._template.propose(1, Sampler(SamplingParams(max_new_tokens=1)))
@@ -157,9 +164,15 @@ class DrafterDeployment:
     """A drafter behind Serve: its sessions, and the loopback channel targets on this node use."""
 
     def __init__(
-        self, name: str, folder: str, max_sessions: int = 256, num_threads: int = 1, device: str = "cpu"
+        self,
+        name: str,
+        folder: str,
+        max_sessions: int = 256,
+        num_threads: int = 1,
+        device: str = "cpu",
+        quantize: str = "none",
     ) -> None:
-        self._sessions = DrafterSessions(name, folder, max_sessions, num_threads, device)
+        self._sessions = DrafterSessions(name, folder, max_sessions, num_threads, device, quantize)
         self._channel = self._sessions.open_channel()
 
     async def connect(self) -> DrafterChannel:

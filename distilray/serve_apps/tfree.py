@@ -69,7 +69,7 @@ from distilray.decoding.tfree_generate import (
 )
 from distilray.errors import DistilrayError
 from distilray.serve_apps import openai_api
-from distilray.serve_apps.schemas import SEED_END, SEED_MIN, Completion, GenerationFailure
+from distilray.serve_apps.schemas import SEED_END, SEED_MIN, Completion, GenerationFailure, model_id_of
 from distilray.tfree.wordsplit import check_user_text, split_words
 
 ENV_MODEL = "DISTILRAY_TFREE_MODEL"
@@ -267,7 +267,7 @@ class TFreeDeployment:
     async def info(self) -> dict[str, Any]:
         config = self._model.config
         return {
-            "model": self._folder,
+            "model": model_id_of(self._folder),
             "v": config.v,
             "m": config.m,
             "k": config.k,
@@ -450,7 +450,7 @@ class CompletionsIngress:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        card = openai_api.model_card(self._args.served_model_name, root=self._args.model, role="tfree")
+        card = openai_api.model_card(self._args.served_model_name, role="tfree")
         return {"object": "list", "data": [card]}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -217,12 +219,56 @@ def test_sampling_verify_keeps_the_first_token_distribution(lm):
         assert abs(counts[token] / n - expected) < 4 * np.sqrt(expected * (1 - expected) / n)
 
 
+def test_sampling_verify_rejects_inside_a_chunk_and_keeps_the_distribution(lm, chi2_fits):
+    """A chunk (c1, c2, c3) drafted after the first token: when y1 = c1 the loop drafts (c2, c3), and
+    with c2 accepted, c3 is often rejected: a rejection inside the chunk, whose correction comes from
+    the residual. Given the tokens before them, the second and third tokens must still follow the model:
+    p(. | P c1) and p(. | P c1 c2)."""
+    model, _, prompts = lm
+    prompt = prompts[1]
+    with torch.no_grad():
+        p1 = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].double(), -1)
+        c1 = int(p1.argmax())
+        p2 = torch.softmax(model(input_ids=torch.tensor([prompt + [c1]])).logits[0, -1].double(), -1)
+        c2 = int(p2.argmax())
+        p3 = torch.softmax(model(input_ids=torch.tensor([prompt + [c1, c2]])).logits[0, -1].double(), -1)
+    c3 = int(p3.argmax())
+    assert float(p1[c1]) > 0.5 and float(p2[c2]) > 0.5 and float(p3[c3]) < 0.5  # c3: rejected more often than not
+    second, third = [], []
+    inside = accepted_c3 = 0
+    for seed in range(400):
+        calls = []
+
+        def lookup(token: int, query: np.ndarray):  # one hit per generation: the first query
+            calls.append(token)
+            return ((c1, c2, c3), 1.0) if len(calls) == 1 else None
+
+        # budget 4: after y1 the loop may draft 2 tokens, the whole rest of the chunk
+        rec = retrieval_generate(model, prompt, 4, lookup, mode="verify", temperature=1.0, seed=seed)
+        ids = rec.token_ids
+        assert rec.chunk_tokens_proposed == (2 if ids[0] == c1 else 0)
+        if ids[0] != c1:
+            continue
+        second.append(ids[1])
+        assert rec.from_chunk[1] == (ids[1] == c2)  # c2 is emitted only as the accepted draft
+        if ids[1] == c2:
+            third.append(ids[2])
+            if rec.from_chunk[2]:
+                accepted_c3 += 1
+            else:  # c2 accepted, then c3 rejected: the correction is a residual sample (never c3)
+                inside += 1
+                assert ids[2] != c3
+    assert inside > 80 and accepted_c3 > 15  # both outcomes after an accepted chunk token
+    assert chi2_fits(second, p2) and chi2_fits(third, p3)
+
+
 def test_record_json(lm):
     model, tok, prompts = lm
     rec = retrieval_generate(model, prompts[0], 5, None, mode="baseline")
     out = rec.to_json(tok)
     assert out["text"] == tok.decode(rec.token_ids) and out["num_generated"] == 5 and out["fps"] == 0.0
-    assert set(GenerationRecord.__dataclass_fields__) <= set(out)
+    assert set(GenerationRecord.__dataclass_fields__) - {"on_token"} <= set(out) and "on_token" not in out
+    json.dumps(out)  # a hook never reaches the JSON
     assert retrieval_generate(model, prompts[0], 0, None).token_ids == []
 
 

@@ -8,13 +8,16 @@ import math
 import pytest
 import torch
 
-from distilray.decoding.drafter_api import Draft, Drafter, check_same_vocab
+from distilray.decoding.drafter_api import Draft, Drafter, NextTokenAdapter, as_drafter, check_same_vocab
 from distilray.decoding.drafters import HFDrafter
-from distilray.decoding.sampling import Sampler
+from distilray.decoding.sampling import Sampler, SamplingParams, warp
 from distilray.decoding.speculative import (
     SpecRecord,
     expected_tokens_per_pass,
+    optimal_gamma,
+    plain_decode,
     plain_generate,
+    speculative_decode,
     speculative_generate,
     theoretical_speedup,
 )
@@ -146,8 +149,18 @@ def toy_target(scaled):
     return scaled(GPT2LMHeadModel(config), 4.0)  # far from uniform: the top token has ~0.37, the bottom ~0.07
 
 
-def _exact_marginals(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
-    """Exact marginal distribution (6,) of each of the first `steps` generated tokens, by enumeration."""
+def _exact_marginals(
+    model, prompt: list[int], steps: int, temperature: float = 1.0, top_p: float = 1.0
+) -> list[torch.Tensor]:
+    """Exact marginal distribution (6,) of each of the first `steps` generated tokens, by enumeration,
+    under the warped target (temperature and nucleus, as `warp` defines them; 1 and 1: the softmax)."""
+
+    def next_probs(seq: list[int]) -> torch.Tensor:
+        logits = model(torch.tensor([seq])).logits[0, -1].double()
+        if temperature == 1.0 and top_p == 1.0:
+            return torch.softmax(logits, -1)
+        return warp(logits, temperature, top_p).double()
+
     marginals = []
     with torch.no_grad():
         for t in range(steps):
@@ -156,9 +169,8 @@ def _exact_marginals(model, prompt: list[int], steps: int) -> list[torch.Tensor]
                 seq = prompt + list(ctx)
                 weight = 1.0
                 for j in range(t):  # probability of the context itself
-                    probs = torch.softmax(model(torch.tensor([seq[: len(prompt) + j]])).logits[0, -1].double(), -1)
-                    weight *= float(probs[ctx[j]])
-                m += weight * torch.softmax(model(torch.tensor([seq])).logits[0, -1].double(), -1)
+                    weight *= float(next_probs(seq[: len(prompt) + j])[ctx[j]])
+                m += weight * next_probs(seq)
             marginals.append(m)
     return marginals
 
@@ -186,6 +198,32 @@ def test_sampling_is_lossless(toy_target):
         assert float(expected.min()) >= 5  # the chi-square approximation holds
         chi2 = float(((counts[t] - expected) ** 2 / expected).sum())
         assert chi2 < CHI2_CRIT_DOF5_P001, (t, counts[t].tolist(), expected.tolist())
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.6, 1.0), (1.4, 0.75)])
+def test_sampling_is_lossless_for_the_warped_target(toy_target, chi2_fits, one_thread, temperature, top_p):
+    """Temperature and nucleus applied to p and q alike: the output follows the *warped* target, tokens
+    outside its nucleus never appear (the fixed drafter proposes some of them, the target rejects them)."""
+    prompt, runs, steps = [0, 1], 500, 2
+    drafter = FixedDrafter([0.4, 0.25, 0.05, 0.1, 0.15, 0.05])
+    exact = _exact_marginals(toy_target, prompt, steps, temperature, top_p)
+    plain = _exact_marginals(toy_target, prompt, 1)[0]
+    assert 0.5 * float((exact[0] - plain).abs().sum()) > 0.05  # the warp really changes the target
+    if top_p < 1.0:
+        assert (exact[0] == 0).any()  # the nucleus really cuts tokens
+    samples: list[list[int]] = [[] for _ in range(steps)]
+    accepted = rejections = 0
+    for seed in range(runs):
+        # budget 2, gamma 2: one draft, then a rejection, or an acceptance and the bonus token
+        rec = speculative_generate(
+            toy_target, drafter, prompt, steps, gamma=2, temperature=temperature, top_p=top_p, seed=seed
+        )
+        for t, tok in enumerate(rec.token_ids):
+            samples[t].append(tok)
+        accepted, rejections = accepted + rec.accepted, rejections + rec.rejections
+    assert accepted > 80 and rejections > 80
+    for t in range(steps):
+        assert chi2_fits(samples[t], exact[t]), (t, torch.bincount(torch.tensor(samples[t]), minlength=6), exact[t])
 
 
 class PointMassDrafter:
@@ -245,6 +283,25 @@ def test_formulas_and_record_properties():
     assert expected_tokens_per_pass(0.8, 5) == pytest.approx((1 - 0.8**6) / 0.2)
     assert theoretical_speedup(0.5, 2, 0.1) == pytest.approx(1.75 / 1.2)
     assert theoretical_speedup(1.0, 4, 0.0) == 5.0
+    # by hand: (1 - 0.6^4) / 0.4 = 0.8704 / 0.4; (1 - 0.8^5) / 0.2 = 0.67232 / 0.2
+    assert expected_tokens_per_pass(0.6, 3) == pytest.approx(2.176)
+    assert expected_tokens_per_pass(0.9, 1) == pytest.approx(1.9)
+    assert expected_tokens_per_pass(0.8, 4) == pytest.approx(3.3616)
+    assert expected_tokens_per_pass(0.7, 0) == 1.0  # no drafts: one token per pass
+    assert theoretical_speedup(0.6, 3, 0.2) == pytest.approx(2.176 / 1.6)  # 1.36
+    assert theoretical_speedup(0.8, 4, 0.05) == pytest.approx(3.3616 / 1.2)  # 2.8013
+    assert theoretical_speedup(0.9, 2, 0.5) == pytest.approx(2.71 / 2.0)  # a slow drafter: 1.355
+    assert theoretical_speedup(0.0, 3, 0.1) == pytest.approx(1 / 1.3)  # a useless drafter slows decoding down
+    # optimal gamma, scanned by hand over S(g) = E[tau](g) / (g c + 1):
+    # alpha 0.8, c 0.05: S(7) = 3.0823 < S(8) = 3.0921 > S(9) = 3.0780
+    assert optimal_gamma(0.8, 0.05) == 8
+    # alpha 0.6, c 0.2: S(1) = 1.3333 < S(2) = 1.4 > S(3) = 1.36
+    assert optimal_gamma(0.6, 0.2) == 2
+    # alpha 0.9, c 0.5: S(2) = 1.355 < S(3) = 1.3756 > S(4) = 1.3650
+    assert optimal_gamma(0.9, 0.5) == 3
+    assert optimal_gamma(0.0, 0.1) == 1  # every draft wasted: draft as little as allowed
+    assert optimal_gamma(0.5, 0.0) == 16 and optimal_gamma(0.5, 0.0, gamma_max=5) == 5  # free drafts: the most
+    assert optimal_gamma(1.0, 0.1) == 16  # S(g) = (g + 1) / (0.1 g + 1) grows with g
     rec = SpecRecord(token_ids=[1] * 10, accepted=6, rejections=2, target_passes=4)
     assert rec.alpha == 0.75 and rec.mean_accepted_length == 2.5
     assert math.isnan(SpecRecord().alpha) and math.isnan(SpecRecord().mean_accepted_length)
@@ -283,6 +340,28 @@ def test_bad_arguments(setup, toy_target):
     check_same_vocab(len(tok), d)
 
 
+def test_a_drafter_with_a_shorter_context_is_refused_up_front(setup):
+    """A 32-position GPT-2 drafter for a 512-position target: a request past 32 tokens is a clear error
+    before any work (it used to be an IndexError from the position table mid-generation)."""
+    from distilray.models.causal_lm import build_causal_lm
+
+    tok, target, _ = setup
+    torch.manual_seed(3)
+    short = HFDrafter(build_causal_lm("tiny", tok, n_positions=32).eval())
+    assert short.max_context == 32 and HFDrafter(target).max_context == 512
+    ids = tok(PROMPTS[0])["input_ids"]
+    n = 32 - len(ids)
+    with pytest.raises(DistilrayError, match="drafter's context of 32"):
+        speculative_generate(target, short, ids, n + 1, gamma=4)
+    with pytest.raises(DistilrayError, match="drafter's context"):
+        speculative_generate(target, short, ids, n + 1, gamma=4, temperature=1.0)
+    # exactly at the limit it works, and stays lossless
+    assert speculative_generate(target, short, ids, n, gamma=4).token_ids == plain_generate(target, ids, n).token_ids
+    # drafters without positions are unbounded, and a wrapper passes the limit on
+    assert as_drafter(FixedDrafter([0.5, 0.5])).max_context is None
+    assert NextTokenAdapter(short).max_context == 32
+
+
 def test_hf_drafter_state(setup):
     tok, _, other = setup
     ids = tok(PROMPTS[2])["input_ids"]
@@ -296,3 +375,16 @@ def test_hf_drafter_state(setup):
     assert torch.allclose(d.next_logits(), first, atol=1e-4)
     with pytest.raises(DistilrayError):
         d.rollback(0)
+
+
+def test_on_token_sees_every_token_as_it_is_emitted(setup):
+    """The streaming hook: each generated token, in order, from the speculative and the plain loop."""
+    tok, target, other = setup
+    ids = tok(PROMPTS[0])["input_ids"]
+    for decode in (
+        lambda hook: speculative_decode(target, HFDrafter(other), ids, SamplingParams(16), on_token=hook),
+        lambda hook: plain_decode(target, ids, SamplingParams(16, temperature=1.0, seed=3), on_token=hook),
+    ):
+        seen: list[int] = []
+        record = decode(seen.append)
+        assert seen == record.token_ids and len(seen) == 16

@@ -92,6 +92,7 @@ def server(serve_loopback, artifacts):
             "model": artifacts["model"],
             "datastore": artifacts["store"],
             "max_tokens_limit": MAX_TOKENS_LIMIT,
+            "served_model_name": "cdlm-tiny",
             "num_cpus": 1,
         }
     )
@@ -100,9 +101,9 @@ def server(serve_loopback, artifacts):
 
 
 def test_completion_has_openai_shape_and_stats(artifacts, client):
-    out = client.ok(model="ignored", prompt=PROMPT, max_tokens=12)
+    out = client.ok(model="cdlm-tiny", prompt=PROMPT, max_tokens=12)
     assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
-    assert isinstance(out["created"], int) and out["model"] == "ignored"
+    assert isinstance(out["created"], int) and out["model"] == "cdlm-tiny"
     (choice,) = out["choices"]
     assert choice["index"] == 0 and isinstance(choice["text"], str)
     usage = out["usage"]
@@ -151,6 +152,37 @@ def test_sampling_is_seeded(client):
     a = client.ok(prompt=PROMPT, max_tokens=10, mode="verify", temperature=1.0, seed=5)
     b = client.ok(prompt=PROMPT, max_tokens=10, mode="verify", temperature=1.0, seed=5)
     assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    # without a seed every request draws its own (it used to be seed 0 for all: the same text each time)
+    unseeded = {client.ok(prompt=PROMPT, max_tokens=10, mode="baseline", temperature=2.0)["choices"][0]["text"]}
+    unseeded |= {client.ok(prompt=PROMPT, max_tokens=10, mode="baseline", temperature=2.0)["choices"][0]["text"]}
+    unseeded |= {client.ok(prompt=PROMPT, max_tokens=10, mode="baseline", temperature=2.0)["choices"][0]["text"]}
+    assert len(unseeded) > 1
+
+
+def test_stream_and_chat_through_the_official_openai_client(server, artifacts, client):
+    from openai import OpenAI
+
+    api = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    whole = client.ok(prompt=PROMPT, max_tokens=GEN, mode="paper")
+    pieces = api.completions.create(
+        model="cdlm-tiny", prompt=PROMPT, max_tokens=GEN, stream=True, extra_body={"mode": "paper"}
+    )
+    chunks = list(pieces)
+    assert "".join(c.choices[0].text for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1].choices[0].finish_reason == whole["choices"][0]["finish_reason"]
+    assert len(chunks) > 2  # the text came in pieces, as it was decoded
+    chat = api.chat.completions.create(
+        model="cdlm-tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=8, extra_body={"mode": "verify"}
+    )
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    streamed = api.chat.completions.create(
+        model="cdlm-tiny",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=8,
+        stream=True,
+        extra_body={"mode": "verify"},
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.choices[0].message.content
 
 
 def test_bad_requests_get_4xx_json_and_service_keeps_serving(server, client, assert_error):
@@ -190,9 +222,11 @@ def test_health_models_and_datastore_stats(server, artifacts, client):
     assert r.json()["context"] == CONTEXT
     assert r.json()["tokenizer_fingerprint"] == vocab_fingerprint(artifacts["tok"])
     models = requests.get(f"{server}/v1/models", timeout=30).json()
-    assert models["data"][0]["id"] == artifacts["model"]
+    assert models["data"][0]["id"] == "cdlm-tiny"
     client.ok(prompt=PROMPT, max_tokens=4, mode="paper")
     stats = requests.get(f"{server}/v1/datastore/stats", timeout=30).json()
+    root = str(artifacts["store"]).rsplit("/", 1)[0]  # where the server keeps its files: never shown
+    assert not any(root in requests.get(f"{server}/{p}", timeout=30).text for p in ("healthz", "v1/datastore/stats"))
     assert stats["num_shards"] == 2 and stats["num_keys"] == artifacts["num_keys"]
     assert stats["queries"] > 0 and stats["router"]["calls"] > 0 and stats["router"]["mean_call_ms"] > 0
     assert len(stats["shards"]) == 2

@@ -42,7 +42,7 @@ def _error(model, body: dict, args) -> tuple[int, dict]:
         ("seed", 2**64),
         ("seed", -(2**63) - 1),
         ("n", 2),
-        ("stream", True),
+        ("stream", "sometimes"),
         ("gamma", 0),
         ("gamma", MAX_GAMMA + 1),
         ("drafter", "medusa"),

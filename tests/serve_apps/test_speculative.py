@@ -26,6 +26,7 @@ from distilray.serve_apps.speculative_drafter import DrafterSessions, RemoteDraf
 pytestmark = pytest.mark.ray
 
 APP_NAME = "speculative-test"
+SERVED = "spec-tiny"
 PROMPTS = [
     "The for statement is used to iterate over the elements of a sequence",
     "Exceptions can be raised by the raise statement",
@@ -77,13 +78,17 @@ def artifacts(small_tokenizer, tmp_path_factory):
 def server(serve_loopback, artifacts):
     """The app under route /speculative on a free loopback port; deleted (and Serve stopped if we
     started it) after. Shares a running Serve instance with the other Serve tests."""
-    drafters = {"ngram3": artifacts["ngram3"], "transformer": artifacts["transformer"]}
+    drafters = {"ngram3": artifacts["ngram3"], "transformer": artifacts["transformer"], "lookup": "prompt-lookup"}
     app = build_app(
         {
             "target": artifacts["target"],
             "drafters": drafters,
             "default_drafter": "ngram3",
             "max_tokens_limit": MAX_TOKENS_LIMIT,
+            "max_prompt_bytes": 4096,
+            "served_model_name": SERVED,
+            "max_batch_size": 8,
+            "batch_wait_ms": 20,
             "num_cpus": 1,
         }
     )
@@ -106,11 +111,11 @@ def _assert_consistent(stats: dict, usage: dict) -> None:
     assert stats["request_seconds"] >= stats["seconds"]
 
 
-@pytest.mark.parametrize("drafter", ["ngram3", "transformer", "none"])
+@pytest.mark.parametrize("drafter", ["ngram3", "transformer", "lookup", "none"])
 def test_greedy_output_equals_plain_decoding_over_the_wire(artifacts, drafter, client):
     for prompt in PROMPTS:
-        out = client.ok(model="m", prompt=prompt, max_tokens=GEN, drafter=drafter, gamma=3)
-        assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and out["model"] == "m"
+        out = client.ok(model=SERVED, prompt=prompt, max_tokens=GEN, drafter=drafter, gamma=3)
+        assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and out["model"] == SERVED
         (choice,) = out["choices"]
         assert choice["text"] == artifacts["want"][prompt]  # lossless through two deployments
         usage, stats = out["usage"], out["distilray"]
@@ -122,6 +127,8 @@ def test_greedy_output_equals_plain_decoding_over_the_wire(artifacts, drafter, c
         if drafter == "none":
             assert stats["drafted"] == stats["drafter_round_trips"] == 0 and stats["gamma"] is None
             assert stats["target_passes"] == usage["completion_tokens"] and stats["alpha"] is None
+        elif drafter == "lookup":  # in the target's process: no round trips
+            assert stats["drafter_transport"] == "local" and stats["drafter_round_trips"] == 0
         else:
             assert stats["gamma"] == 3 and stats["drafted"] > 0
             # one round trip per step; a last step with nothing left to draft makes none
@@ -173,7 +180,9 @@ def test_bad_requests_get_4xx_json_and_service_keeps_serving(server, client, ass
     assert_error(client.post(prompt=p, temperature=-0.5), "temperature")
     assert_error(client.post(prompt=p, top_p=1.5), "top_p")
     assert_error(client.post(prompt=p, n=2), "n")
-    assert_error(client.post(prompt=p, stream=True), "stream")
+    assert_error(client.post(prompt="x" * 5000), "prompt")  # over max_prompt_bytes: refused before tokenising
+    r = client.post(prompt=p, model="gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model" and SERVED in r.json()["error"]["message"]
     assert_error(client.post(prompt=p, stop=["a", "b", "c", "d", "e"]), "stop")
     assert_error(client.post(prompt=p, seed=2**70), "seed")
     # within max_tokens_limit but over the target's context once the prompt is counted (checked by the target)
@@ -191,7 +200,10 @@ def test_health_models_stats_and_sessions_closed(server, artifacts, client):
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert r.json()["context"] == CONTEXT and r.json()["vocab_size"] == len(artifacts["tok"])
     models = requests.get(f"{server}/v1/models", timeout=30).json()["data"]
-    assert [m["id"] for m in models] == [artifacts["target"], "ngram3", "transformer"]
+    assert [m["id"] for m in models] == [SERVED, "ngram3", "transformer", "lookup"]
+    # no response shows where the server keeps its files
+    bodies = [requests.get(f"{server}/{path}", timeout=30).text for path in ("healthz", "v1/models", "v1/stats")]
+    assert not any(str(artifacts["target"]).rsplit("/", 2)[0] in body for body in bodies)
     client.ok(prompt=PROMPTS[1], max_tokens=8, drafter="ngram3")
     deadline = time.monotonic() + 20
     while True:  # end(session) is fire-and-forget: give it a moment
@@ -222,6 +234,129 @@ def test_health_models_stats_and_sessions_closed(server, artifacts, client):
         time.sleep(1)
     drafted = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(wanted[0])]
     assert drafted and max(drafted) > 0, lines
+
+
+def _sse(response: requests.Response) -> list[dict]:
+    """The JSON events of a server-sent event stream, up to its [DONE]."""
+    import json
+
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    lines = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("drafter", ["transformer", "none"])
+def test_stream_sends_the_text_block_by_block(server, artifacts, client, drafter):
+    body = dict(prompt=PROMPTS[0], max_tokens=GEN, drafter=drafter, gamma=3)
+    plain = client.ok(**body)
+    events = _sse(requests.post(f"{server}/v1/completions", json={**body, "stream": True}, timeout=120))
+    *chunks, final = events
+    assert len({e["id"] for e in events}) == 1 and all(e["model"] == SERVED for e in events)
+    assert (
+        "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"] == artifacts["want"][PROMPTS[0]]
+    )
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert final["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert final["usage"] == plain["usage"] and final["distilray"]["event"] == "final"
+    if drafter == "transformer":  # every draft accepted: blocks of several tokens, one event per verified block
+        assert len(chunks) <= final["distilray"]["target_passes"] < GEN
+    # a request the target refuses still gets its 4xx before any event
+    r = requests.post(
+        f"{server}/v1/completions", json={**body, "max_tokens": MAX_TOKENS_LIMIT, "stream": True}, timeout=60
+    )
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+
+
+def test_chat_and_streams_through_the_official_openai_client(server, artifacts):
+    from openai import OpenAI
+
+    api = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a for loop?"}]
+    extra = {"drafter": "transformer", "gamma": 3}
+    chat = api.chat.completions.create(model=SERVED, messages=messages, max_tokens=GEN, extra_body=extra)
+    assert chat.object == "chat.completion" and chat.model == SERVED and chat.choices[0].message.role == "assistant"
+    # the project's base model has no template of its own: the plain default renders the conversation
+    from distilray.serve_apps.text_output import DEFAULT_CHAT_STOP, render_prompt
+
+    tok = artifacts["tok"]
+    prompt, stop = render_prompt(tok, messages)
+    assert prompt.endswith("User: What is a for loop?\n\nAssistant:") and stop == [DEFAULT_CHAT_STOP]
+    want = tok.decode(
+        plain_generate(artifacts["model"], tok(prompt)["input_ids"], GEN, eos_token_id=tok.eos_token_id).token_ids,
+        skip_special_tokens=True,
+    )
+    assert chat.choices[0].message.content == want.split(DEFAULT_CHAT_STOP)[0]
+    assert chat.usage.prompt_tokens == len(tok(prompt)["input_ids"])
+    pieces = api.chat.completions.create(model=SERVED, messages=messages, max_tokens=GEN, stream=True, extra_body=extra)
+    deltas = [c.choices[0].delta.content or "" for c in pieces if c.choices]
+    assert "".join(deltas) == chat.choices[0].message.content
+    text = api.completions.create(model=SERVED, prompt=PROMPTS[1], max_tokens=GEN, stream=True, extra_body=extra)
+    assert "".join(c.choices[0].text for c in text) == artifacts["want"][PROMPTS[1]]
+    assert api.models.list().data[0].id == SERVED
+
+
+def test_concurrent_requests_share_target_passes_and_stay_lossless(server, artifacts, client):
+    """Eight clients at once, mixed drafters: the target decodes them as one batch, and each greedy
+    answer equals the same request decoded alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    drafters = ["ngram3", "transformer", "none", "lookup"] * 2
+    bodies = [dict(prompt=PROMPTS[i % 2], max_tokens=GEN - i, drafter=d, gamma=3) for i, d in enumerate(drafters)]
+    before = requests.get(f"{server}/healthz", timeout=30).json()["batch"]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        outs = list(pool.map(lambda body: client.ok(**body), bodies))
+    after = requests.get(f"{server}/healthz", timeout=30).json()["batch"]
+    for body, out in zip(bodies, outs):
+        assert out["choices"][0]["text"] == artifacts["tok"].decode(
+            plain_generate(
+                artifacts["model"],
+                artifacts["tok"](body["prompt"])["input_ids"],
+                body["max_tokens"],
+                eos_token_id=artifacts["tok"].eos_token_id,
+            ).token_ids,
+            skip_special_tokens=True,
+        )
+    steps = after["steps"] - before["steps"]
+    rows = after["mean_batch"] * after["steps"] - (before["mean_batch"] or 0) * before["steps"]
+    assert rows / steps > 1.5, (before, after)  # rows per target pass: requests really shared them
+
+
+def test_two_int8_target_replicas_share_the_load(serve_loopback, artifacts):
+    """target_replicas=2 (what an autoscaling_config does on a cluster) spreads requests across both
+    replicas; with quantize=int8 every greedy answer equals plain decoding of the int8 model served."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distilray.models.quantize import apply_quantization
+
+    tok = artifacts["tok"]
+    served = apply_quantization(copy.deepcopy(artifacts["model"]), "int8")
+    app = build_app(
+        {
+            "target": artifacts["target"],
+            "drafters": {"lookup": "prompt-lookup:n=2,k=4"},
+            "target_replicas": 2,
+            "num_cpus": 0,  # both replicas fit the test's two CPUs
+            "quantize": "int8",
+        }
+    )
+    prompts = [PROMPTS[i % 2] + " " * (i // 2) for i in range(12)]
+    with serve_loopback(app, "speculative-replicas", "/replicas") as base:
+        with ThreadPoolExecutor(6) as pool:
+            outs = list(
+                pool.map(
+                    lambda p: requests.post(
+                        f"{base}/v1/completions", json={"prompt": p, "max_tokens": 12}, timeout=120
+                    ),
+                    prompts,
+                )
+            )
+    assert all(r.status_code == 200 for r in outs), [r.text for r in outs]
+    assert len({r.json()["distilray"]["replica"] for r in outs}) == 2
+    for prompt, r in zip(prompts, outs):
+        want = plain_generate(served, tok(prompt)["input_ids"], 12, eos_token_id=tok.eos_token_id).token_ids
+        assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
 
 
 def test_remote_drafter_sessions_survive_eviction(artifacts):
