@@ -151,6 +151,8 @@ class QuickstartConfig(Config):
     cdlm_new_tokens: int = 48
     spec_distill_steps: int = 150  # the stage-1 drafter, distilled from the target (fkl) for this many steps
     spec_gamma: int = 4
+    # the CPU deployment path (serve_config.yaml's quantize): int8 target and drafters, lossless w.r.t. that model
+    quantize: Literal["none", "int8"] = "int8"
     spec_prompts: int = 8
     spec_new_tokens: int = 48
     sdtt_teacher_model: str = "dit-tiny"  # the MDLM teacher (distilray.models.mdlm.PRESETS)
@@ -290,8 +292,21 @@ class BenchCDLMConfig(Config):
     datastore_dim: int = 256
     datastore_queries: int = 2000
     quantize: Literal["none", "int8"] = "none"  # int8: the generator quantised for the CPU (models/quantize.py)
+    # a user's generator instead of the quickstart's: a causal LM folder (save_pretrained) with its tokenizer
+    model: str = ""
+    sweep: bool = False  # also SCD and verify against generator size (bench/cdlm_sweep.py)
+    sweep_only: bool = False  # the sweep alone
+    sweep_sizes: tuple[str, ...] = ("tiny", "mini", "small")  # presets trained generator_steps steps (cached)
+    sweep_prompts: int = 8  # SCD prompts per sweep generator
     json_out: str = ""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from distilray.bench.targets import check_sizes
+
+        if self.sweep or self.sweep_only:
+            check_sizes("sweep_sizes", self.sweep_sizes)
 
 
 @dataclass(frozen=True)
@@ -384,8 +399,29 @@ class BenchSpeculativeConfig(Config):
     threads: int = 1  # torch threads while timing decoding (the serve replica gets the same)
     include_t5: bool = True  # the encoder-decoder setting on cnndm (trains its own small T5s)
     quantize: Literal["none", "int8"] = "none"  # int8: target and neural drafters quantised (models/quantize.py)
+    # a user's target instead of the quickstart's: a causal LM folder (save_pretrained) with its tokenizer
+    target: str = ""
+    # with target: NAME=SPEC items, SPEC a saved drafter folder (any kind) or a prompt-lookup spec
+    drafters: tuple[str, ...] = ()
+    sweep: bool = False  # also the target-size sweep (bench/speculative_sweep.py)
+    sweep_only: bool = False  # the sweep alone
+    sweep_sizes: tuple[str, ...] = ("tiny", "mini", "small")  # presets, trained the quickstart's way (cached)
+    sweep_steps: int = 400  # training steps of every sweep target (the quickstart's target_steps: mini is cached)
+    sweep_prompts: int = 8  # held-out prompts per sweep target
+    sweep_drafters: tuple[str, ...] = ("ngram3", "prompt-lookup", "transformer")  # ngram1-4, transformer, PL specs
     json_out: str = ""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from distilray.bench.targets import check_sizes, check_sweep_drafters
+        from distilray.errors import DistilrayError
+
+        if self.drafters and not self.target:
+            raise DistilrayError("drafters= measures a user's target: set target=PATH too")
+        if self.sweep or self.sweep_only:
+            check_sizes("sweep_sizes", self.sweep_sizes)
+            check_sweep_drafters(self.sweep_drafters)
 
 
 @dataclass(frozen=True)
@@ -403,6 +439,7 @@ class BenchServeConfig(Config):
     quantize: Literal["none", "int8"] = "none"
     fault: bool = True  # the fault-under-load run
     fault_seconds: float = 30.0
+    transport_rounds: int = 500  # drafter round trips: loopback socket vs Ray Compiled Graph vs actor call (0: skip)
     json_out: str = ""
     seed: int = 0
 

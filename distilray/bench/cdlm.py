@@ -8,6 +8,11 @@
   own, with g_phi chosen on the validation split;
 - extract: Ray Data extraction tokens/s over a bare single-process loop (same model, one actor);
 - datastore: single-query latency through the router over 2 shard actors (synthetic keys).
+
+The generator is the quickstart's target trained `generator_steps` steps, or a user's (`model=PATH`:
+any causal LM folder saved with save_pretrained, with its tokenizer; every part above runs on it, KCD
+fine-tuning it into each domain's datastore model, so `kcd_domains=[]` skips that on a large model).
+`sweep=true` (or `sweep_only=true`) adds SCD and verify against generator size (bench/cdlm_sweep.py).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from distilray import corpus
 from distilray.actors.cluster import ensure_ray
 from distilray.actors.datastore import DatastoreRouter
+from distilray.bench.targets import user_model, vocab_limit_of
 from distilray.cdlm.build import datastore_from_sequences
 from distilray.cdlm.datastore_files import write_synthetic_datastore
 from distilray.cdlm.evaluate import perplexities, sequence_proposals
@@ -43,7 +49,7 @@ from distilray.decoding.retrieval import chunk_hit_rate, fps, mean_chunk_length,
 from distilray.eval.mauve import mauve, mean_hidden_features
 from distilray.eval.rouge import rouge_l
 from distilray.io_utils import atomic_write_json
-from distilray.models.causal_lm import load_causal_lm
+from distilray.models.causal_lm import count_parameters, load_causal_lm
 from distilray.models.quantize import apply_quantization
 from distilray.pipelines import build_datastore, extract, train_lm, train_tokenizer
 from distilray.pipelines.cdlm_ppl import test_sequences
@@ -73,7 +79,10 @@ def _prompts(cfg: BenchCDLMConfig, tokenizer) -> list[list[int]]:
     return prompts[: cfg.prompts]
 
 
-def bench_scd_and_verify(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> tuple[dict, dict]:
+def bench_scd_and_verify(
+    cfg: BenchCDLMConfig, model, tokenizer, work: Path, vocab_limit: int | None = None
+) -> tuple[dict, dict]:
+    """vocab_limit: the tokenizer's length when the generator's logits are padded past it."""
     prompts = _prompts(cfg, tokenizer)
     answers = []
     for i, prompt in enumerate(prompts):  # the datastore text: the model's own sampled answers
@@ -86,6 +95,7 @@ def bench_scd_and_verify(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> 
                 mode="baseline",
                 temperature=cfg.scd_temperature,
                 seed=cfg.seed + 1000 * i + k,
+                vocab_limit=vocab_limit,
             )
             answers.append(list(prompt) + rec.token_ids)
     manifest = datastore_from_sequences(
@@ -103,6 +113,7 @@ def bench_scd_and_verify(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> 
                 mode=mode,
                 similarity_threshold=cfg.similarity_threshold,
                 eos_token_id=eos,
+                vocab_limit=vocab_limit,
             )
             for p in prompts
         ]
@@ -164,7 +175,7 @@ ECD_NAMES = [
 ]
 
 
-def bench_ecd(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> dict:
+def bench_ecd(cfg: BenchCDLMConfig, model, tokenizer, work: Path, vocab_limit: int | None = None) -> dict:
     """Expert chunk distillation: facts the model has never seen, injected only through a datastore
     built from curated text; accuracy = generations that contain the right value."""
     rng = np.random.default_rng(cfg.seed)
@@ -191,6 +202,7 @@ def bench_ecd(cfg: BenchCDLMConfig, model, tokenizer, work: Path) -> dict:
                     lookup,
                     mode="paper" if lookup else "baseline",
                     similarity_threshold=cfg.similarity_threshold,
+                    vocab_limit=vocab_limit,
                 )
                 hits += code in tokenizer.decode(rec.token_ids)
             out[f"{kind}.{mode}_accuracy"] = hits / len(facts)
@@ -371,31 +383,55 @@ def bench_datastore(cfg: BenchCDLMConfig, work: Path) -> dict:
 
 
 def run(cfg: BenchCDLMConfig) -> dict:
+    """Every figure for one generator (the quickstart's, or `model=`), and/or the generator-size sweep."""
     ensure_ray()
+    results = {} if cfg.sweep_only else bench_generator(cfg)
+    if cfg.sweep or cfg.sweep_only:
+        from distilray.bench.cdlm_sweep import run_sweep
+
+        results["sweep"] = run_sweep(cfg)
+    if cfg.json_out:
+        atomic_write_json(cfg.json_out, results)
+    return results
+
+
+def generator(cfg: BenchCDLMConfig) -> tuple[str, dict]:
+    """The generator's folder and what the results say of it: a user's (`model=`), or the quickstart's
+    target trained `generator_steps` steps (cached)."""
+    if cfg.model:
+        gen_dir, _ = user_model(cfg.model)
+        return gen_dir, {"generator_user": True}
     q = dataclasses.replace(QuickstartConfig(), artifacts_dir=cfg.artifacts_dir)
     tok_dir = train_tokenizer.get_or_train(q.corpus, q.vocab_size, q.artifacts_dir)
     # the quickstart's target, trained longer: SCD needs a model confident enough to repeat itself
     target = train_lm.run(lm_config(q, q.target_model, cfg.generator_steps, tok_dir))
-    gen_dir = target["model_dir"]
+    about = {"generator_steps": target["steps"], "generator_val_ppl": target["val_ppl"]}
+    return target["model_dir"], about
+
+
+def bench_generator(cfg: BenchCDLMConfig) -> dict:
+    gen_dir, about = generator(cfg)
     tokenizer = load_tokenizer(gen_dir)
     # int8 (a CPU fast path) quantises the generator that decodes, mines and scores; extraction stays float32
     model = load_causal_lm(gen_dir) if cfg.quantize == "none" else load_causal_lm(gen_dir, "cpu", torch.float32)
+    parameters = count_parameters(model)
+    limit = vocab_limit_of(model, tokenizer)
     model = apply_quantization(model, cfg.quantize)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one-token decoding steps of a small model run faster on one thread
     results: dict = {
         "generator": gen_dir,
-        "generator_parameters": target["parameters"],
-        "generator_steps": target["steps"],
-        "generator_val_ppl": target["val_ppl"],
+        "generator_parameters": parameters,
+        **about,
         "quantize": cfg.quantize,
+        "vocab_limit": limit,
     }
     with tempfile.TemporaryDirectory(prefix="distilray-bench-cdlm-") as tmp:
         work = Path(tmp)
         print("[bench cdlm] SCD and verify ...", flush=True)
-        results["scd"], results["verify"] = bench_scd_and_verify(cfg, model, tokenizer, work)
+        results["scd"], results["verify"] = bench_scd_and_verify(cfg, model, tokenizer, work, limit)
         print("[bench cdlm] ECD ...", flush=True)
-        results["ecd"] = bench_ecd(cfg, model, tokenizer, work)
+        results["ecd"] = bench_ecd(cfg, model, tokenizer, work, limit)
         results["kcd"] = {}
         for domain in cfg.kcd_domains:
             print(f"[bench cdlm] KCD on {domain} ...", flush=True)
@@ -406,8 +442,6 @@ def run(cfg: BenchCDLMConfig) -> dict:
         print("[bench cdlm] datastore latency ...", flush=True)
         results["datastore"] = bench_datastore(cfg, work)
     results["goals"] = _goals(results)
-    if cfg.json_out:
-        atomic_write_json(cfg.json_out, results)
     return results
 
 
@@ -433,9 +467,23 @@ def _goals(r: dict) -> dict:
 
 
 def format_table(r: dict) -> str:
+    lines = _generator_lines(r) if "goals" in r else []
+    if r.get("sweep"):
+        from distilray.bench.cdlm_sweep import format_sweep
+
+        lines.extend(format_sweep(r["sweep"]))
+    return "\n".join(lines)
+
+
+def _generator_lines(r: dict) -> list[str]:
+    """The table of one generator: the quickstart's, or a user's (`model=`)."""
+    about = f"{r['generator_parameters']:,} params, quantize {r.get('quantize', 'none')}"
+    if r.get("vocab_limit"):
+        about += f", vocab_limit {r['vocab_limit']}"
+    if r.get("generator_user"):
+        about += ", a user's model"
     lines = [
-        f"bench cdlm: generator {r['generator']} ({r['generator_parameters']:,} params, "
-        f"quantize {r.get('quantize', 'none')})",
+        f"bench cdlm: generator {r['generator']} ({about})",
         f"{'figure':<34}{'value':>12}  goal",
     ]
     for name, g in r["goals"].items():
@@ -461,4 +509,4 @@ def format_table(r: dict) -> str:
     lines.append(
         f"datastore: {d['keys']:,} synthetic keys, 2 shard actors: p50 {d['p50_ms']:.2f} ms, p99 {d['p99_ms']:.2f} ms"
     )
-    return "\n".join(lines)
+    return lines

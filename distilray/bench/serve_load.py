@@ -21,6 +21,7 @@ are killed, and reports what failed, how, and when service was whole again.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import threading
@@ -275,6 +276,8 @@ def in_process_tokens_per_s(paths: dict[str, str], prompts: list[str], cfg: Benc
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        # warm-up, as the served side had: kernels and the drafter's lazy tables
+        speculative_generate(target, drafter, tokenizer(prompts[0])["input_ids"], cfg.max_tokens, gamma=cfg.gamma)
         tokens, start = 0, time.perf_counter()
         for prompt in prompts:
             ids = tokenizer(prompt)["input_ids"]
@@ -394,6 +397,7 @@ def run(cfg: BenchServeConfig) -> dict:
 
     started = time.perf_counter()
     ensure_ray()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # app start and delete lines, per app
     print("[bench serve] models and datastore ...", flush=True)
     paths = prepare(cfg)
     tokenizer = load_tokenizer(paths["target"])
@@ -423,6 +427,12 @@ def run(cfg: BenchServeConfig) -> dict:
         fault = fault_under_load(base, paths, prompts, want, cfg) if cfg.fault else {}
     finally:
         teardown()
+    transport = {}
+    if cfg.transport_rounds:  # why the drafter step takes the socket: measured, not assumed
+        from distilray.bench.drafter_transport import measure_transports
+
+        print("[bench serve] drafter round trips: socket, compiled graph, actor call ...", flush=True)
+        transport = measure_transports(rounds=cfg.transport_rounds, gamma=cfg.gamma)
     out = {
         "target": paths["target"],
         "quantize": cfg.quantize,
@@ -432,6 +442,7 @@ def run(cfg: BenchServeConfig) -> dict:
         "levels": {n: {str(c): v for c, v in rows.items()} for n, rows in levels.items()},
         "single_client": single,
         "fault": fault,
+        "drafter_transport": transport,
         "seconds": round(time.perf_counter() - started, 1),
         "config": dataclasses.asdict(cfg),
     }
@@ -486,6 +497,10 @@ def format_table(out: dict) -> str:
         lines.append(f"in process, one request at a time: {out['single_client']['in_process_tokens_per_s']:.0f} tok/s")
     if out["fault"]:
         lines.append(f"fault under load: {out['fault']}")
+    if out.get("drafter_transport"):
+        from distilray.bench.drafter_transport import format_table as transport_table
+
+        lines.append(transport_table(out["drafter_transport"]))
     lines.append("goals:")
     for key, g in out["goals"].items():
         value = (

@@ -19,6 +19,10 @@
   `quantize=int8` every decoding figure above is of the int8 target with int8 neural drafters,
   against plain decoding of that same int8 target (the Serve comparison stays float32).
 - T5 (`include_t5`): the encoder-decoder setting on cnndm.
+- A user's target (`target=PATH drafters=[NAME=SPEC,...]`, bench/speculative_user.py): the same figures
+  for any causal LM folder against the drafters given; what needs the quickstart's artifacts is skipped.
+- Target-size sweep (`sweep=true`, bench/speculative_sweep.py): presets of growing size trained the
+  quickstart's way, each against the cheap drafters: speedup and verification cost against target size.
 """
 
 from __future__ import annotations
@@ -140,16 +144,24 @@ def held_out_tokens(cfg: BenchSpeculativeConfig, tokenizer, limit: int = 16_384)
 
 
 def measure_drafter(
-    target, folder: str, prompts: list[list[int]], cfg: BenchSpeculativeConfig, verify: dict[int, float]
+    target,
+    folder: str,
+    prompts: list[list[int]],
+    cfg: BenchSpeculativeConfig,
+    verify: dict[int, float],
+    vocab_limit: int | None = None,
 ) -> dict:
-    """One drafter (a folder, or the prompt-lookup spec), quantised as the target is, against plain decoding."""
+    """One drafter (a folder, or the prompt-lookup spec), quantised as the target is, against plain decoding.
+    vocab_limit: the tokenizer's length when the target's logits are padded past it."""
     drafter = load_drafter(folder, quantize=cfg.quantize, vocab_size=model_vocab_size(target))
     target_s, drafter_s = step_times(target, drafter, prompts[0])
     c = drafter_s / target_s
     half = max(1, len(prompts) // 2)
-    tune, _ = scan_drafter(target, drafter, prompts[:half], cfg.gammas, cfg.new_tokens, c)
+    tune, _ = scan_drafter(target, drafter, prompts[:half], cfg.gammas, cfg.new_tokens, c, vocab_limit=vocab_limit)
     gamma = max(tune, key=lambda g: tune[g]["speedup_measured"])
-    scan, identical = scan_drafter(target, drafter, prompts[half:], cfg.gammas, cfg.new_tokens, c, verify)
+    scan, identical = scan_drafter(
+        target, drafter, prompts[half:], cfg.gammas, cfg.new_tokens, c, verify, vocab_limit=vocab_limit
+    )
     return {
         **scan[gamma],
         "gamma": gamma,
@@ -214,16 +226,45 @@ def measure_all(target, drafters: dict, prompts: list[list[int]], cfg: BenchSpec
     return results
 
 
-def copy_task(target, tokenizer, cfg: BenchSpeculativeConfig) -> dict:
+def copy_task(target, tokenizer, cfg: BenchSpeculativeConfig, vocab_limit: int | None = None) -> dict:
     """Prompt lookup against plain decoding on cnndm articles followed by a summary cue."""
     prompts = summary_prompts(cfg, tokenizer, max_context(target))
     verify = verify_cost(target, prompts[0], cfg.gammas)
-    figures = measure_drafter(target, PROMPT_LOOKUP, prompts, cfg, verify)
+    figures = measure_drafter(target, PROMPT_LOOKUP, prompts, cfg, verify, vocab_limit=vocab_limit)
     return {**figures, "prompts": len(prompts), "prompt_tokens": sum(map(len, prompts)) / len(prompts)}
 
 
+def ranked_drafters(results: dict) -> list[tuple[str, str]]:
+    """(name, variant) of every measured drafter, fastest (measured speedup) first."""
+    return sorted(
+        ((n, v) for n in results for v in results[n]), key=lambda nv: -results[nv[0]][nv[1]]["speedup_measured"]
+    )
+
+
 def run(cfg: BenchSpeculativeConfig) -> dict:
+    """The quickstart's target and drafters, or a user's target (`target=`), and/or the target-size sweep."""
     started = time.perf_counter()
+    out: dict = {}
+    if not cfg.sweep_only:
+        if cfg.target:
+            from distilray.bench.speculative_user import run_user_target
+
+            out = run_user_target(cfg)
+        else:
+            out = run_quickstart(cfg)
+    if cfg.sweep or cfg.sweep_only:
+        from distilray.bench.speculative_sweep import run_sweep
+
+        out["sweep"] = run_sweep(cfg)
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    out["config"] = dataclasses.asdict(cfg)
+    if cfg.json_out:
+        atomic_write_json(cfg.json_out, out)
+    return out
+
+
+def run_quickstart(cfg: BenchSpeculativeConfig) -> dict:
+    """Every figure for the quickstart's target, its drafters trained here (cached)."""
     ensure_ray()
     target_dir, drafters = prepare(cfg)
     tokenizer = load_tokenizer(target_dir)
@@ -238,9 +279,7 @@ def run(cfg: BenchSpeculativeConfig) -> dict:
     verify = verify_cost(target, prompts[0], cfg.gammas)
     print("[bench speculative] drafters on held-out prompts ...", flush=True)
     results = measure_all(target, drafters, prompts, cfg, verify)
-    ranked = sorted(
-        ((n, v) for n in results for v in results[n]), key=lambda nv: -results[nv[0]][nv[1]]["speedup_measured"]
-    )
+    ranked = ranked_drafters(results)
     best_name, best_variant = ranked[0]
     print("[bench speculative] prompt lookup on cnndm summaries ...", flush=True)
     cnndm = copy_task(target, tokenizer, cfg)
@@ -277,7 +316,7 @@ def run(cfg: BenchSpeculativeConfig) -> dict:
         from distilray.bench.speculative_t5 import run_t5
 
         t5 = run_t5(cfg.artifacts_dir, seed=cfg.seed)
-    out = {
+    return {
         "target": {
             "model_dir": target_dir,
             "parameters": parameters,
@@ -295,24 +334,29 @@ def run(cfg: BenchSpeculativeConfig) -> dict:
         "t5": t5,
         "goals": goals(cfg, results, (best_name, best_variant), cnndm, int8, hf, serve),
         "plot": str(plot),
-        "seconds": round(time.perf_counter() - started, 1),
-        "config": dataclasses.asdict(cfg),
     }
-    if cfg.json_out:
-        atomic_write_json(cfg.json_out, out)
-    return out
 
 
-def goals(cfg: BenchSpeculativeConfig, results: dict, best_key: tuple, cnndm: dict, int8: dict, hf: dict, serve: dict):
-    """Every goal as {value, goal, op, met, ...}: op ">=" unless it says "<="."""
+def goals(
+    cfg: BenchSpeculativeConfig,
+    results: dict,
+    best_key: tuple,
+    cnndm: dict,
+    int8: dict,
+    hf: dict | None = None,
+    serve: dict | None = None,
+) -> dict:
+    """Every goal as {value, goal, op, met, ...}: op ">=" unless it says "<=". A goal whose figures were
+    not measured (a user's target: no distilled drafters, no assisted generation, no Serve) is left out."""
     best = results[best_key[0]][best_key[1]]
     # alpha depends a little on gamma in practice, so both variants are compared at one fixed gamma
     fixed = str(4 if 4 in cfg.gammas else cfg.gammas[-1])
     gains = {
         k: results[k]["distilled"]["scan"][fixed]["alpha"] - results[k]["baseline"]["scan"][fixed]["alpha"]
         for k in NEURAL_KINDS
+        if {"baseline", "distilled"} <= set(results.get(k, {}))
     }
-    out = {
+    candidates = {
         "best_speedup": {
             "value": best["speedup_measured"],
             "goal": GOALS["best_speedup"],
@@ -323,7 +367,8 @@ def goals(cfg: BenchSpeculativeConfig, results: dict, best_key: tuple, cnndm: di
             "goal": GOALS["prompt_lookup.cnndm_speedup"],
             "gamma": cnndm["gamma"],
         },
-        "distilled_alpha_gain": {
+        "distilled_alpha_gain": gains
+        and {
             "value": min(gains.values()),
             "goal": GOALS["distilled_alpha_gain"],
             "per_kind": gains,
@@ -334,16 +379,13 @@ def goals(cfg: BenchSpeculativeConfig, results: dict, best_key: tuple, cnndm: di
             "goal": GOALS["measured_over_theoretical"],
             "over_theoretical_with_verify_cost": best["speedup_measured"] / best["speedup_theoretical_verify_cost"],
         },
-        "hf_assisted.speedup_ours_over_hf": {
-            "value": hf["speedup_ours_over_hf"],
-            "goal": GOALS["hf_assisted.speedup_ours_over_hf"],
-        },
-        "serve.ratio_vs_in_process": {
-            "value": serve["ratio_vs_in_process"],
-            "goal": GOALS["serve.ratio_vs_in_process"],
-        },
+        "hf_assisted.speedup_ours_over_hf": hf
+        and {"value": hf["speedup_ours_over_hf"], "goal": GOALS["hf_assisted.speedup_ours_over_hf"]},
+        "serve.ratio_vs_in_process": serve
+        and {"value": serve["ratio_vs_in_process"], "goal": GOALS["serve.ratio_vs_in_process"]},
         "int8.verify_over_step": dict(int8["goal"]),
     }
+    out = {name: g for name, g in candidates.items() if g}
     for g in out.values():
         g.setdefault("op", ">=")
         g["met"] = bool(g["value"] >= g["goal"] if g["op"] == ">=" else g["value"] <= g["goal"])
@@ -351,8 +393,21 @@ def goals(cfg: BenchSpeculativeConfig, results: dict, best_key: tuple, cnndm: di
 
 
 def format_table(r: dict) -> str:
+    lines = _main_lines(r) if "drafters" in r else []
+    if r.get("sweep"):
+        from distilray.bench.speculative_sweep import format_sweep
+
+        lines.extend(format_sweep(r["sweep"]))
+    return "\n".join(lines)
+
+
+def _main_lines(r: dict) -> list[str]:
+    """The table of one target: the quickstart's, or a user's (`target=`)."""
+    t = r["target"]
+    about = f"{t['parameters']:,} params ({t.get('quantize', 'none')}"
+    about += f", vocab_limit {t['vocab_limit']})" if t.get("vocab_limit") else ")"
     lines = [
-        f"bench speculative: target {r['target']['parameters']:,} params ({r['target'].get('quantize', 'none')}), "
+        f"bench speculative: target {t['model_dir'] + ', ' if t.get('user') else ''}{about}, "
         f"greedy, {r['prompts']} held-out prompts x {r['new_tokens']} tokens, {r['threads']} thread(s)",
         f"{'drafter':<14}{'variant':<10}{'gamma':>6}{'alpha':>8}{'tau':>7}{'c':>8}{'S meas':>8}{'S theo':>8}"
         f"{'S theo+v':>9}  same",
@@ -379,30 +434,36 @@ def format_table(r: dict) -> str:
     )
     if r.get("int8"):
         lines.extend(format_int8(r["int8"]))
-    gain = r["goals"]["distilled_alpha_gain"]
-    lines.append(
-        f"distilled - baseline alpha at gamma {gain['gamma']}: "
-        + ", ".join(f"{k} {x:+.3f}" for k, x in gain["per_kind"].items())
-    )
-    h, s = r["hf_assisted"], r["serve"]
-    lines.append(
-        f"hf assisted (transformer distilled, gamma {h['gamma']}): ours {h['tokens_per_s_ours']:.0f} tok/s, "
-        f"hf {h['tokens_per_s_hf']:.0f} tok/s, same tokens {h['same_tokens']}"
-    )
-    lines.append(
-        f"serve ({s.get('drafter', 'best drafter')}, float32): {s['tokens_per_s_serve']:.0f} tok/s through the "
-        f"endpoint, {s['tokens_per_s_in_process']:.0f} in process"
-    )
+    gain = r["goals"].get("distilled_alpha_gain")
+    if gain:
+        lines.append(
+            f"distilled - baseline alpha at gamma {gain['gamma']}: "
+            + ", ".join(f"{k} {x:+.3f}" for k, x in gain["per_kind"].items())
+        )
+    h, s = r.get("hf_assisted"), r.get("serve")
+    if h:
+        lines.append(
+            f"hf assisted (transformer distilled, gamma {h['gamma']}): ours {h['tokens_per_s_ours']:.0f} tok/s, "
+            f"hf {h['tokens_per_s_hf']:.0f} tok/s, same tokens {h['same_tokens']}"
+        )
+    if s:
+        lines.append(
+            f"serve ({s.get('drafter', 'best drafter')}, float32): {s['tokens_per_s_serve']:.0f} tok/s through the "
+            f"endpoint, {s['tokens_per_s_in_process']:.0f} in process"
+        )
     for name, t5 in (r.get("t5") or {}).get("drafters", {}).items():
         for variant, d in t5.items():
             lines.append(
                 f"t5 {name:<11}{variant:<10}{d.get('gamma', ''):>6}{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}"
                 f"{d['c']:>8.3f}{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}"
             )
+    for part, why in (r.get("skipped") or {}).items():
+        lines.append(f"skipped with a user target: {part} ({why})")
     lines.append(f"{'goal':<36}{'value':>8}  target")
     for name, g in r["goals"].items():
         lines.append(
             f"{name:<36}{g['value']:>8.3f}  {g.get('op', '>=')} {g['goal']}  {'met' if g['met'] else 'NOT met'}"
         )
-    lines.append(f"plot: {r['plot']}")
-    return "\n".join(lines)
+    if r.get("plot"):
+        lines.append(f"plot: {r['plot']}")
+    return lines

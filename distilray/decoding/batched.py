@@ -204,24 +204,32 @@ class BatchDecoder:
         logits, hidden = self._forward(drafts)
         done: set[int] = set()
         for i, (row, draft) in enumerate(zip(self._rows, drafts)):
-            verdict = _verify(row, draft, logits[i])
-            fed = len(row.pending) + len(draft.tokens)
-            kept = len(row.pending) + verdict.accepted
-            self._mask[i, start + kept : start + fed] = False  # rejected drafts become holes
-            error = None
-            if not verdict.finished:
-                try:
-                    _advance(row, verdict, kept, hidden[i] if hidden is not None else None)
-                except Exception as e:
-                    error = f"{type(e).__name__}: {e}"
-            row.record.seconds = time.perf_counter() - row.started
-            finished = verdict.finished or error is not None
-            events.append(BatchEvent(row.request_id, verdict.tokens, finished, row.record, error))
-            if finished:
+            event = self._settle(i, row, draft, logits[i], hidden[i] if hidden is not None else None, start)
+            events.append(event)
+            if event.finished:
                 done.add(i)
         self._drop(done)
         self._compact()
         return events
+
+    def _settle(
+        self, i: int, row: _Row, draft: Draft, logits: torch.Tensor, hidden: torch.Tensor | None, start: int
+    ) -> BatchEvent:
+        """Row i after the pass that fed its pending tokens and draft from cache column `start` on: the
+        acceptance test, rejected drafts masked out, the row advanced. (A seam for batched_retrieval.py,
+        whose verify and baseline rows settle exactly as here.)"""
+        verdict = _verify(row, draft, logits)
+        fed = len(row.pending) + len(draft.tokens)
+        kept = len(row.pending) + verdict.accepted
+        self._mask[i, start + kept : start + fed] = False  # rejected drafts become holes
+        error = None
+        if not verdict.finished:
+            try:
+                _advance(row, verdict, kept, hidden)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+        row.record.seconds = time.perf_counter() - row.started
+        return BatchEvent(row.request_id, verdict.tokens, verdict.finished or error is not None, row.record, error)
 
     def _finish_empty(self, row: _Row) -> BatchEvent:
         """A request for no tokens ends without a pass, as speculative_decode and plain_decode do."""
@@ -268,7 +276,7 @@ class BatchDecoder:
         new_mask = torch.tensor(new, dtype=torch.bool, device=self.device)
         keep_mask = torch.tensor(keep, dtype=torch.bool, device=self.device)
         self._mask = torch.cat([self._mask, new_mask], dim=1)
-        want_hidden = any(r.drafter is not None and r.drafter.needs_target_hidden for r in self._rows)
+        want_hidden = self._wants_hidden()
         # a boolean (B, N) logits_to_keep projects only the kept positions onto the vocabulary, flattened
         kwargs = {"logits_to_keep": keep_mask} if self._can_trim else {}
         out = self.model(
@@ -292,6 +300,10 @@ class BatchDecoder:
         if want_hidden:
             hidden = list(out.hidden_states[-1][keep_mask].float().cpu().split(sizes))
         return logits, hidden
+
+    def _wants_hidden(self) -> bool:
+        """Whether the pass must return final hidden states (a subclass with rows of its own may need them)."""
+        return any(r.drafter is not None and r.drafter.needs_target_hidden for r in self._rows)
 
     def _compact(self) -> None:
         """Move every row's real columns to the front and drop the columns no row needs any more."""

@@ -80,16 +80,18 @@ def scan_drafter(
     new_tokens: int,
     c: float,
     verify: dict[int, float] | None = None,
+    vocab_limit: int | None = None,
 ) -> tuple[dict[int, dict], bool]:
     """Per gamma: figures over `prompts`, each prompt decoded plainly and then speculatively (alternating, so
-    drifts in machine load hit both sides alike). Also whether every output equalled plain greedy decoding."""
+    drifts in machine load hit both sides alike). Also whether every output equalled plain greedy decoding.
+    vocab_limit: the tokenizer's length when the target's logits are padded past it (decoding/speculative.py)."""
     plain, spec = [], {g: [] for g in gammas}
     identical = True
     for prompt in prompts:
-        ref = plain_generate(target, prompt, new_tokens)
+        ref = plain_generate(target, prompt, new_tokens, vocab_limit=vocab_limit)
         plain.append(ref)
         for g in gammas:
-            rec = speculative_generate(target, drafter, prompt, new_tokens, gamma=g)
+            rec = speculative_generate(target, drafter, prompt, new_tokens, gamma=g, vocab_limit=vocab_limit)
             identical &= rec.token_ids == ref.token_ids
             spec[g].append(rec)
     base = _totals(plain)

@@ -191,6 +191,7 @@ def cdlm_stage(cfg: QuickstartConfig, target_dir: str) -> tuple[list[tuple[str, 
         num_prompts=cfg.cdlm_prompts,
         max_new_tokens=cfg.cdlm_new_tokens,
         similarity_threshold=cfg.cdlm_similarity_threshold,
+        quantize=cfg.quantize,
     )
     by_mode = {
         mode: cdlm_generate.run(dataclasses.replace(gen, mode=mode, save_dir=str(home / f"generations-{mode}")))
@@ -236,6 +237,7 @@ def speculative_stage(
     from distilray.decoding.drafters import load_drafter
     from distilray.decoding.speculative import theoretical_speedup
     from distilray.eval.speculative_speed import scan_drafter, step_times
+    from distilray.models.quantize import apply_quantization
 
     t0 = time.perf_counter()
     home = Path(cfg.artifacts_dir).resolve() / "quickstart" / "speculative"
@@ -271,14 +273,19 @@ def speculative_stage(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one-token steps of small models: extra threads only add overhead
     try:
-        target = load_causal_lm(target_dir, device="cpu", dtype=torch.float32)
-        rows = [("speculative", "drafter distilled (fkl) steps", str(distilled["steps"]))]
+        # as served on CPU (serve_config.yaml): int8 weights make a verification pass cost about one step
+        target = apply_quantization(load_causal_lm(target_dir, device="cpu", dtype=torch.float32), cfg.quantize)
+        rows = [
+            ("speculative", "drafter distilled (fkl) steps", str(distilled["steps"])),
+            ("speculative", "target and drafters", f"{cfg.quantize} weights, against plain decoding of the same"),
+        ]
         for name, folder in (
             ("transformer baseline", drafter_dir),
             ("transformer distilled", distilled["drafter_dir"]),
             ("trigram", ngram_dir),
+            ("prompt lookup", "prompt-lookup"),
         ):
-            drafter = load_drafter(folder)
+            drafter = load_drafter(folder, quantize=cfg.quantize, vocab_size=len(tokenizer))
             target_s, drafter_s = step_times(target, drafter, prompts[0])
             scan, same = scan_drafter(
                 target, drafter, prompts, (cfg.spec_gamma,), cfg.spec_new_tokens, drafter_s / target_s

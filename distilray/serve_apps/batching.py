@@ -9,32 +9,35 @@ fails every row in flight with that error and the loop goes on with an empty bat
 hangs a request.
 """
 
+import asyncio
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from distilray.decoding.batched import BatchDecoder, BatchEvent
 from distilray.decoding.sampling import SamplingParams
-from distilray.decoding.speculative import SpeculativeParams
+from distilray.errors import DistilrayError
+from distilray.serve_apps.schemas import GenerationFailure, TextDelta
+from distilray.serve_apps.text_output import TextStream
 
 Listener = Callable[["BatchEvent | BaseException"], None]
 
 
 @dataclass
 class BatchJob:
-    """One request for the batch: what `BatchDecoder.add` takes, and where its events go."""
+    """One request for the batch: what the decoder's `add` takes, and where its events go."""
 
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     listener: Listener
-    drafter: Any = None  # a Drafter, or None for plain decoding
-    method: SpeculativeParams = field(default_factory=SpeculativeParams)
+    # the rest of add's keywords: drafter, method (SpeculativeParams / RetrievalParams), vocab_limit
+    options: dict[str, Any] = field(default_factory=dict)
     on_leave: Callable[[], None] | None = None  # called on the loop's thread once the row left the batch
-    vocab_limit: int | None = None  # the tokenizer's length when the target's logits are padded past it
 
 
 class BatchLoop:
@@ -107,9 +110,7 @@ class BatchLoop:
                     self._leave(request_id)
             for job in jobs:
                 try:
-                    self._decoder.add(
-                        job.request_id, job.prompt_ids, job.params, job.drafter, job.method, job.vocab_limit
-                    )
+                    self._decoder.add(job.request_id, job.prompt_ids, job.params, **job.options)
                 except Exception as exc:  # a request the decoder refuses fails alone
                     job.listener(exc)
                     if job.on_leave is not None:
@@ -132,3 +133,58 @@ class BatchLoop:
                 job = self._leave(event.request_id) if event.finished else self._rows.get(event.request_id)
                 if job is not None:
                     job.listener(event)
+
+
+async def decode_text(
+    batch: BatchLoop,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    options: dict[str, Any],
+    text: TextStream,
+    on_leave: Callable[[], None] | None = None,
+) -> AsyncIterator[TextDelta | GenerationFailure | BatchEvent]:
+    """One request through the batch, on the replica's event loop: a TextDelta per piece of text that
+    became final, then the row's last BatchEvent (its record); or a GenerationFailure and nothing more.
+
+    Every event queued by the time the consumer looks is taken as one piece: under load a stream sends
+    fewer, larger pieces instead of falling behind one hop per step. A stop string, or a consumer that
+    leaves (client disconnect), takes the row out of the batch at the next step.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    request_id = uuid.uuid4().hex
+    job = BatchJob(
+        request_id, prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), options, on_leave
+    )
+    batch.submit(job)
+    done = False
+    try:
+        while not done:
+            pending = [await events.get()]
+            while not events.empty():
+                pending.append(events.get_nowait())
+            tokens: list[int] = []
+            for event in pending:
+                if isinstance(event, BaseException):
+                    done = True
+                    status = 400 if isinstance(event, DistilrayError) else 500
+                    yield GenerationFailure(status=status, message=f"{type(event).__name__}: {event}")
+                    return
+                if event.error is not None:  # this request alone failed (e.g. its drafter); the batch went on
+                    done = True
+                    yield GenerationFailure(status=500, message=f"decoding failed: {event.error}")
+                    return
+                tokens += event.new_tokens
+                done, last = event.finished, event
+            delta = text.add(tokens)
+            if text.stopped and not done:
+                batch.cancel(request_id)  # the stop string came: the rest is not wanted
+                done = True
+            if delta:
+                yield TextDelta(text=delta, tokens=len(tokens))
+        if rest := text.rest():
+            yield TextDelta(text=rest, tokens=0)
+        yield last
+    finally:
+        if not done:
+            batch.cancel(request_id)

@@ -29,7 +29,6 @@ taken for a query parameter.
 import asyncio
 import dataclasses
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,9 +43,9 @@ from ray.serve.handle import DeploymentHandle
 from distilray.actors.datastore import DatastoreRouter
 from distilray.cdlm.datastore_files import read_manifest
 from distilray.cdlm.local import QueryResult, merge_shard_answers
-from distilray.decoding.retrieval import retrieval_decode
 from distilray.errors import DistilrayError
 from distilray.serve_apps import openai_api
+from distilray.serve_apps.batching import BatchLoop, decode_text
 from distilray.serve_apps.schemas import (
     Completion,
     GenerationFailure,
@@ -139,16 +138,26 @@ class DatastoreRouterDeployment:
             router.close()
 
 
-@serve.deployment(max_ongoing_requests=8)
+@serve.deployment(max_ongoing_requests=64)
 class TargetDeployment:
-    """The generation model: tokenises, runs retrieval decoding one request at a time, detokenises, and
-    streams the text as tokens are emitted."""
+    """The generation model: tokenises, decodes every request in flight together (continuous batching,
+    one batched datastore lookup per step: decoding/batched_retrieval.py), detokenises, and streams the
+    text as it is emitted."""
 
     def __init__(
-        self, model: str, datastore: str, router: DeploymentHandle, num_threads: int = 1, quantize: str = "none"
+        self,
+        model: str,
+        datastore: str,
+        router: DeploymentHandle,
+        num_threads: int = 1,
+        quantize: str = "none",
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 0.0,
+        overlap_lookups: bool = False,
     ) -> None:
         import torch
 
+        from distilray.decoding.batched_retrieval import BatchRetrievalDecoder
         from distilray.decoding.drafter_api import model_vocab_size
         from distilray.models.causal_lm import load_causal_lm, max_context
         from distilray.models.quantize import apply_quantization
@@ -164,17 +173,25 @@ class TargetDeployment:
         self._limit = len(self._tokenizer) if len(self._tokenizer) < width else None
         self._router = router
         self._replica = serve.get_replica_context().replica_id.unique_id
-        # one generation at a time per replica: torch already uses the replica's CPUs; lookups block
-        # on .result(), which must not run on the event loop
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        decoder = BatchRetrievalDecoder(self._model, self._lookup, max_batch_size, overlap=overlap_lookups)
+        self._decoder, self._batch = decoder, BatchLoop(decoder, batch_wait_ms / 1000)
+
+    def _lookup(self, entries: np.ndarray, queries: np.ndarray) -> list:
+        """One step's lookups for every row that needs one: one call to the router, one scatter/gather to
+        the shards (the batch thread blocks on it; with overlap_lookups it runs beside the target pass)."""
+        return self._router.query.remote(entries, queries).result(timeout_s=LOOKUP_TIMEOUT_S)
 
     async def info(self) -> dict[str, Any]:
+        calls = self._decoder.lookup_calls
         return {
             "context": self._context,
             "tokenizer_fingerprint": self._fingerprint,
             "device": str(next(self._model.parameters()).device),
             "quantize": self._quantize,
             "replica": self._replica,
+            "batch": self._batch.stats(),
+            "lookup_calls": calls,
+            "mean_lookup_ms": 1000 * self._decoder.lookup_seconds / calls if calls else None,
         }
 
     def _prepare(self, job: TextJob) -> tuple[list[int], list[str]]:
@@ -189,34 +206,6 @@ class TargetDeployment:
             )
         return prompt_ids, [*job.stop, *(s for s in extra_stop if not job.stop)]
 
-    def _decode(self, prompt_ids: list[int], job: TextJob, on_token, stop_event: threading.Event):
-        """Retrieval decoding on the pool's thread; `on_token` sees each token as it is emitted."""
-        lookups, lookup_seconds = 0, 0.0
-
-        def lookup(entry: int, hidden: np.ndarray):
-            nonlocal lookups, lookup_seconds
-            start = time.perf_counter()
-            chunk, similarity = self._router.query.remote(
-                np.array([entry], dtype=np.int64), hidden.reshape(1, -1)
-            ).result(timeout_s=LOOKUP_TIMEOUT_S)[0]
-            lookups += 1
-            lookup_seconds += time.perf_counter() - start
-            return None if chunk is None else (tuple(chunk), float(similarity))
-
-        def emitted(token: int) -> None:
-            if stop_event.is_set():
-                raise _Stopped
-            on_token(token)
-
-        sampling = dataclasses.replace(job.sampling, eos_token_id=self._tokenizer.eos_token_id)
-        try:
-            record = retrieval_decode(
-                self._model, prompt_ids, lookup, sampling, job.method, vocab_limit=self._limit, on_token=emitted
-            )
-        except _Stopped:
-            record = None
-        return record, lookups, lookup_seconds
-
     async def generate(self, job: TextJob) -> Completion | GenerationFailure:
         """One completion, or the failure the ingress answers with (400: the request)."""
         last: Any = None
@@ -225,8 +214,8 @@ class TargetDeployment:
         return last
 
     async def stream(self, job: TextJob) -> AsyncIterator[StreamItem]:
-        """TextStart (or a GenerationFailure, then nothing), a TextDelta per emitted token, then the
-        Completion (or a GenerationFailure)."""
+        """TextStart (or a GenerationFailure, then nothing), a TextDelta per decoding step that emitted
+        text, then the Completion (or a GenerationFailure)."""
         async for item in self._run(job):
             yield item
 
@@ -237,59 +226,28 @@ class TargetDeployment:
             yield GenerationFailure(message=str(exc))
             return
         yield TextStart(prompt_tokens=len(prompt_ids))
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue = asyncio.Queue()
-        stop_event = threading.Event()
-        work = loop.run_in_executor(
-            self._pool,
-            self._decode,
-            prompt_ids,
-            job,
-            lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),
-            stop_event,
-        )
-        work.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
-        text = TextStream(self._tokenizer, stop)
-        try:
-            while (token := await tokens.get()) is not None:
-                if delta := text.add([token]):
-                    yield TextDelta(text=delta, tokens=1)
-                if text.stopped:
-                    stop_event.set()  # the stop string came: the decoder stops at its next token
-            try:
-                record, lookups, lookup_seconds = await work
-            except DistilrayError as exc:
-                yield GenerationFailure(message=str(exc))
-                return
-            if rest := text.rest():
-                yield TextDelta(text=rest, tokens=0)
-            yield self._completion(record, text, len(prompt_ids), lookups, lookup_seconds, job)
-        finally:
-            stop_event.set()  # a consumer that left (client disconnect) stops the decoding
+        sampling = dataclasses.replace(job.sampling, eos_token_id=self._tokenizer.eos_token_id)
+        text, start = TextStream(self._tokenizer, stop), time.perf_counter()
+        options = {"method": job.method, "vocab_limit": self._limit}
+        async for item in decode_text(self._batch, prompt_ids, sampling, options, text):
+            if isinstance(item, (GenerationFailure, TextDelta)):
+                yield item
+                if isinstance(item, GenerationFailure):
+                    return
+                continue
+            yield self._completion(item.record, text, len(prompt_ids), time.perf_counter() - start)
 
-    def _completion(self, record, text: TextStream, prompt_tokens: int, lookups: int, lookup_seconds: float, job):
+    def _completion(self, record, text: TextStream, prompt_tokens: int, seconds: float) -> Completion:
         eos = self._tokenizer.eos_token_id
         ids = text.ids
         stopped = text.stopped or (eos is not None and bool(ids) and ids[-1] == eos)
-        if record is None:  # stopped at a stop string: the counters are those of the emitted tokens
-            from_chunks = steps = forward_passes = chunks_used = 0
-            seconds, mode = 0.0, job.method.mode
-        else:
-            from_chunks, steps = sum(record.from_chunk), record.steps
-            forward_passes, chunks_used, seconds, mode = (
-                record.forward_passes,
-                record.chunks_used,
-                record.seconds,
-                record.mode,
-            )
         stats = RetrievalStats(
-            mode=mode,
-            chunks_used=chunks_used,
-            forward_passes=forward_passes,
-            tokens_from_chunks=from_chunks,
-            steps=steps,
-            lookups=lookups,
-            lookup_seconds=lookup_seconds,
+            mode=record.mode,
+            chunks_used=record.chunks_used,
+            forward_passes=record.forward_passes,
+            tokens_from_chunks=sum(record.from_chunk),
+            steps=record.steps,
+            lookups=record.lookups,
             seconds=seconds,
             replica=self._replica,
         )
@@ -300,10 +258,6 @@ class TargetDeployment:
             completion_tokens=text.completion_tokens(),
             stats=stats,
         )
-
-
-class _Stopped(Exception):
-    """Raised from the decoder's token hook when the stream's consumer went away or a stop string came."""
 
 
 # -- HTTP ingress ----------------------------------------------------------------------------------
@@ -370,7 +324,16 @@ def build_app(args: dict) -> serve.Application:
     router = DatastoreRouterDeployment.bind(parsed.datastore, fingerprint)
     target = TargetDeployment.options(
         ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus}
-    ).bind(parsed.model, parsed.datastore, router, max(1, int(parsed.num_cpus)), parsed.quantize)
+    ).bind(
+        parsed.model,
+        parsed.datastore,
+        router,
+        max(1, int(parsed.num_cpus)),
+        parsed.quantize,
+        parsed.max_batch_size,
+        parsed.batch_wait_ms,
+        parsed.overlap_lookups,
+    )
     return CompletionsIngress.bind(target, router, parsed.model_dump())
 
 

@@ -53,6 +53,16 @@ class ReplicaResources(BaseModel):
     )
     num_cpus: float = Field(1, ge=0, description="CPUs of the target replica (torch threads = max(1, int(num_cpus)))")
     num_gpus: float = Field(0, ge=0, description="GPUs of the target replica")
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="requests a target replica decodes together (continuous batching)"
+    )
+    batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="how long an idle target replica waits for a burst to gather before its first step (0: none; "
+        "requests that come later join at the next step anyway)",
+    )
 
     def model_id(self, folder: str) -> str:
         """served_model_name, else the folder's last part: a response never shows a filesystem path."""
@@ -76,6 +86,11 @@ class RetrievalAppArgs(ReplicaResources):
     similarity_threshold: float = Field(
         0.5, ge=-1.0, le=1.0, allow_inf_nan=False, description="default cosine threshold for a chunk to be used"
     )
+    overlap_lookups: bool = Field(
+        False,
+        description="run each step's datastore lookup beside the target pass (assuming no hit; a hit discards "
+        "that row's pass): pays when a lookup costs about a pass and hits are rare",
+    )
 
     @property
     def served(self) -> str:
@@ -98,16 +113,6 @@ class SpeculativeAppArgs(ReplicaResources):
     drafter_num_gpus: float = Field(0, ge=0, description="GPUs of each drafter replica")
     target_replicas: int | None = Field(
         None, ge=1, description="a fixed count of target replicas; default: Serve's (serve_config.yaml autoscales)"
-    )
-    max_batch_size: int = Field(
-        8, ge=1, le=256, description="requests a target replica decodes together (continuous batching)"
-    )
-    batch_wait_ms: float = Field(
-        0.0,
-        ge=0,
-        le=1000,
-        description="how long an idle target replica waits for a burst to gather before its first step (0: none; "
-        "requests that come later join at the next step anyway)",
     )
     drafter_transport: Literal["auto", "serve"] = Field(
         "auto",
@@ -354,8 +359,7 @@ class RetrievalStats(BaseModel):
     forward_passes: int
     tokens_from_chunks: int
     steps: int
-    lookups: int
-    lookup_seconds: float
+    lookups: int  # queries this request sent (each step's are one batched call with the other rows')
     seconds: float
     replica: str | None = None  # the target replica that decoded it
 

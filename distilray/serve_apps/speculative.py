@@ -33,7 +33,6 @@ import asyncio
 import dataclasses
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from ray.serve.handle import DeploymentHandle
 from distilray.decoding.sampling import SamplingParams
 from distilray.errors import DistilrayError
 from distilray.serve_apps import openai_api
-from distilray.serve_apps.batching import BatchJob, BatchLoop
+from distilray.serve_apps.batching import BatchLoop, decode_text
 from distilray.serve_apps.openai_api import finite_or_none
 from distilray.serve_apps.schemas import (
     NO_DRAFTER,
@@ -256,51 +255,21 @@ class TargetDeployment:
             yield GenerationFailure(message=str(exc))
             return
         yield TextStart(prompt_tokens=len(prompt_ids))
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        request_id, start = uuid.uuid4().hex, time.perf_counter()
+        text, start = TextStream(self._tokenizer, stop), time.perf_counter()
+        options = {"drafter": drafter, "method": job.method, "vocab_limit": self._limit}
         close = drafter.close if isinstance(drafter, RemoteDrafter) else None
-        self._batch.submit(
-            BatchJob(
-                request_id,
-                prompt_ids,
-                sampling,
-                lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                drafter,
-                job.method,
-                on_leave=close,
-                vocab_limit=self._limit,
-            )
-        )
-        text, done = TextStream(self._tokenizer, stop), False
-        try:
-            while not done:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    done = True
-                    status = 400 if isinstance(event, DistilrayError) else 500
-                    yield GenerationFailure(status=status, message=f"{type(event).__name__}: {event}")
-                    return
-                done = event.finished
-                if event.error is not None:  # this request's drafter failed; the batch went on
-                    yield GenerationFailure(status=500, message=f"drafter {job.drafter!r} failed: {event.error}")
-                    return
-                delta = text.add(event.new_tokens)
-                if text.stopped and not done:
-                    self._batch.cancel(request_id)  # the stop string came: the rest is not wanted
-                    done = True
-                if delta:
-                    yield TextDelta(text=delta, tokens=len(event.new_tokens))
-            if rest := text.rest():
-                yield TextDelta(text=rest, tokens=0)
-            out = self._completion(job, event.record, text, len(prompt_ids), time.perf_counter() - start, drafter)
+        async for item in decode_text(self._batch, prompt_ids, sampling, options, text, on_leave=close):
+            if isinstance(item, GenerationFailure):
+                yield item
+                return
+            if isinstance(item, TextDelta):
+                yield item
+                continue
+            out = self._completion(job, item.record, text, len(prompt_ids), time.perf_counter() - start, drafter)
             self._count(job.drafter, out.stats)
             if transport is not None:
                 out.stats.drafter_transport = transport
             yield out
-        finally:
-            if not done:
-                self._batch.cancel(request_id)  # the client left: the row leaves at the next step
 
     def _completion(
         self, job: TextJob, record: Any, text: TextStream, prompt_tokens: int, seconds: float, drafter: Any

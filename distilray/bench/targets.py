@@ -1,0 +1,91 @@
+"""The models a benchmark measures: a folder a user brings, or presets trained the quickstart's way.
+
+- `user_model`: any Hugging Face causal LM folder saved with save_pretrained, with its tokenizer
+  (clear errors otherwise), and `vocab_limit_of`: the tokenizer's length when the model's logits are
+  padded past it (Pythia, some Llama exports), else None; decoding then masks the padded columns.
+- `train_preset`: a GPT-2 preset (models/causal_lm.py PRESETS) trained on the quickstart's corpus and
+  tokenizer through the same `train_lm.run(lm_config(...))` call the benchmarks use for the quickstart
+  target, so a preset and step count already trained there is reused from the cache.
+- `check_sizes`: the presets a size sweep may name (those that train on a CPU machine).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from distilray.errors import DistilrayError
+
+# presets that train on a small CPU machine (the gpt2 family is for GPU workers)
+CPU_PRESETS = ("tiny", "mini", "small")
+NGRAM = re.compile(r"^ngram([1-4])$")  # a sweep's n-gram drafter, counted on the corpus
+PROMPT_LOOKUP = "prompt-lookup"  # as decoding/drafters.py spells it (not imported: configs check with this)
+
+
+def check_sizes(key: str, sizes: tuple[str, ...]) -> None:
+    """A non-empty list of distinct CPU presets, in any order."""
+    if not sizes:
+        raise DistilrayError(f"{key} is empty: name at least one preset of {', '.join(CPU_PRESETS)}")
+    bad = [s for s in sizes if s not in CPU_PRESETS]
+    if bad:
+        raise DistilrayError(
+            f"{key}: {bad[0]!r} is not a preset a CPU sweep trains; use {', '.join(CPU_PRESETS)} "
+            "(larger targets: bring one with target=PATH)"
+        )
+    if len(set(sizes)) != len(sizes):
+        raise DistilrayError(f"{key} names a preset twice: {list(sizes)}")
+
+
+def check_sweep_drafters(names: tuple[str, ...]) -> None:
+    """ngram1..ngram4, transformer and prompt-lookup specs: the drafters that depend on the tokenizer alone."""
+    if not names:
+        raise DistilrayError("sweep_drafters is empty: name at least one of ngram3, prompt-lookup, transformer")
+    for name in names:
+        lookup = name == PROMPT_LOOKUP or name.startswith(PROMPT_LOOKUP + ":")
+        if not (NGRAM.match(name) or lookup or name == "transformer"):
+            raise DistilrayError(
+                f"sweep_drafters: {name!r} is not a sweep drafter; use ngram1..ngram4, transformer, "
+                "prompt-lookup (or prompt-lookup:n=3,k=8)"
+            )
+
+
+def user_model(path: str):
+    """(folder, tokenizer) of a user's causal LM folder; a DistilrayError naming what is missing."""
+    from distilray.tokenizer import load_tokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise DistilrayError(f"{path} is not a folder: pass a causal LM saved with save_pretrained")
+    if not (p / "config.json").is_file():
+        raise DistilrayError(f"{path} has no config.json: pass a causal LM saved with save_pretrained")
+    if not any(p.glob("tokenizer*")):
+        raise DistilrayError(
+            f"{path} has no tokenizer files: save the model's tokenizer beside it (tokenizer.save_pretrained)"
+        )
+    return str(p), load_tokenizer(p)
+
+
+def vocab_limit_of(model, tokenizer) -> int | None:
+    """len(tokenizer) when the model has more logit columns than tokens (padded), else None."""
+    from distilray.decoding.drafter_api import model_vocab_size
+
+    return len(tokenizer) if len(tokenizer) < model_vocab_size(model) else None
+
+
+def quickstart_tokenizer(artifacts_dir: str, seed: int = 0):
+    """(QuickstartConfig, tokenizer folder): the BPE every quickstart model shares (trained or cached)."""
+    from distilray.config import QuickstartConfig
+    from distilray.pipelines import train_tokenizer
+
+    q = QuickstartConfig(artifacts_dir=artifacts_dir, seed=seed)
+    return q, train_tokenizer.get_or_train(q.corpus, q.vocab_size, q.artifacts_dir)
+
+
+def train_preset(artifacts_dir: str, preset: str, steps: int, seed: int = 0) -> dict:
+    """train_lm's result (model_dir, parameters, steps, val_ppl, ...) for `preset` trained `steps` steps
+    the quickstart's way (cached: the quickstart target is `mini` at its target_steps)."""
+    from distilray.pipelines import train_lm
+    from distilray.pipelines.quickstart import lm_config
+
+    q, tok_dir = quickstart_tokenizer(artifacts_dir, seed)
+    return train_lm.run(lm_config(q, preset, steps, tok_dir))
