@@ -101,8 +101,8 @@ class Outcome:
     error: str = ""
 
 
-def _json_request(url: str, body: dict[str, Any], out: Outcome) -> None:
-    r = requests.post(f"{url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+def _json_request(client: requests.Session, url: str, body: dict[str, Any], out: Outcome) -> None:
+    r = client.post(f"{url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
     out.status = r.status_code
     if r.status_code != 200:
         out.error = r.text[:300]
@@ -112,11 +112,10 @@ def _json_request(url: str, body: dict[str, Any], out: Outcome) -> None:
     out.text, out.tokens = data["choices"][0]["text"], data["usage"]["completion_tokens"]
 
 
-def _openai_request(url: str, body: dict[str, Any], out: Outcome) -> None:
-    from openai import APIStatusError, OpenAI
+def _openai_request(client: Any, url: str, body: dict[str, Any], out: Outcome) -> None:
+    from openai import APIStatusError
 
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
-    extra = {k: v for k, v in body.items() if k not in ("prompt", "max_tokens", "temperature")}
+    extra = {k: v for k, v in body.items() if k not in ("model", "prompt", "max_tokens", "temperature")}
     pieces: list[str] = []
     try:
         stream = client.completions.create(
@@ -144,10 +143,23 @@ def _openai_request(url: str, body: dict[str, Any], out: Outcome) -> None:
         out.first_token = out.latency
 
 
-def _send(url: str, body: dict[str, Any], streamed: bool) -> Outcome:
+def client_for(url: str, streamed: bool) -> Any:
+    """One client per simulated user, kept for all its requests (a kept-alive connection, as real
+    clients have): the official openai client for streamed requests, a requests session otherwise."""
+    if not streamed:
+        return requests.Session()
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+
+
+def _send(client: Any, url: str, body: dict[str, Any]) -> Outcome:
     out = Outcome(prompt=body["prompt"], started=time.perf_counter())
     try:
-        (_openai_request if streamed else _json_request)(url, body, out)
+        if isinstance(client, requests.Session):
+            _json_request(client, url, body, out)
+        else:
+            _openai_request(client, url, body, out)
     except Exception as exc:  # a hang (timeout) or a dropped connection: no status
         out.error = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
@@ -158,9 +170,10 @@ def run_level(url: str, prompts: list[str], clients: int, per_client: int, body:
     outcomes: list[list[Outcome]] = [[] for _ in range(clients)]
 
     def client(i: int) -> None:
+        session = client_for(url, streamed=i % 2 == 1)
         for j in range(per_client):
             prompt = prompts[(i * per_client + j) % len(prompts)]
-            outcomes[i].append(_send(url, {**body, "prompt": prompt}, streamed=i % 2 == 1))
+            outcomes[i].append(_send(session, url, {**body, "prompt": prompt}))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -346,9 +359,10 @@ def fault_under_load(base: str, paths: dict[str, str], prompts: list[str], want:
 
     def client(i: int) -> None:
         app_url, fields = (f"{base}/bench-fault", {}) if i % 2 == 0 else (f"{base}/bench-cdlm", {"mode": "verify"})
+        session = client_for(app_url, streamed=i % 4 == 1)
         j = 0
         while not stop.is_set():
-            out = _send(app_url, {**body, **fields, "prompt": prompts[(i + 8 * j) % len(prompts)]}, streamed=i % 4 == 1)
+            out = _send(session, app_url, {**body, **fields, "prompt": prompts[(i + 8 * j) % len(prompts)]})
             with lock:
                 outcomes.append(("spec" if i % 2 == 0 else "cdlm", out))
             j += 1

@@ -5,7 +5,7 @@ this process (load_causal_lm + load_drafter + speculative_generate, torch thread
 target replica's), and through `distilray.serve_apps.speculative` over HTTP on 127.0.0.1 (tokenising,
 ingress -> target hop, one drafter round trip per step, detokenising). Requests go one after another,
 each prompt alternating which side runs first, so drift and noise fall on both sides alike.
-Goal: endpoint >= 0.8x the in-process tokens/s (DESIGN "Performance model": serving is reported as
+Goal: endpoint >= 0.9x the in-process tokens/s (DESIGN "Performance model": serving is reported as
 a ratio against a bare single-process loop).
 """
 

@@ -63,8 +63,9 @@ GOALS = {
     "prompt_lookup.cnndm_speedup": 1.5,
     "distilled_alpha_gain": 0.05,
     "measured_over_theoretical": 0.85,
+    "measured_over_theoretical_with_verify_cost": 0.95,
     "hf_assisted.speedup_ours_over_hf": 1.3,
-    "serve.ratio_vs_in_process": 0.8,
+    "serve.ratio_vs_in_process": 0.9,
 }
 NGRAM_ORDERS = (1, 2, 3, 4)
 PROMPT_LOOKUP = "prompt-lookup"  # the drafter spec: n-grams of 3 down to 1, drafts of up to 8 tokens
@@ -377,7 +378,11 @@ def goals(
         "measured_over_theoretical": {
             "value": best["speedup_measured"] / best["speedup_theoretical"],
             "goal": GOALS["measured_over_theoretical"],
-            "over_theoretical_with_verify_cost": best["speedup_measured"] / best["speedup_theoretical_verify_cost"],
+        },
+        # the theory priced with what a verification pass really costs here: what the loop itself loses
+        "measured_over_theoretical_with_verify_cost": {
+            "value": best["speedup_measured"] / best["speedup_theoretical_verify_cost"],
+            "goal": GOALS["measured_over_theoretical_with_verify_cost"],
         },
         "hf_assisted.speedup_ours_over_hf": hf
         and {"value": hf["speedup_ours_over_hf"], "goal": GOALS["hf_assisted.speedup_ours_over_hf"]},
