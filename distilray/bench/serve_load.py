@@ -32,6 +32,7 @@ from typing import Any, Callable
 import requests
 
 from distilray.config import BenchServeConfig, BuildDatastoreConfig, ExtractConfig, FitNGramConfig, QuickstartConfig
+from distilray.io_utils import atomic_write_json
 
 APPS = ("spec", "spec1", "cdlm")
 DRAFTER = "trigram"
@@ -461,6 +462,8 @@ def run(cfg: BenchServeConfig) -> dict:
         "config": dataclasses.asdict(cfg),
     }
     out["goals"] = goals(out, cfg)
+    if cfg.json_out:
+        atomic_write_json(cfg.json_out, out)
     return out
 
 

@@ -47,7 +47,7 @@ from distilray.config import (
 )
 from distilray.decoding.drafter_api import model_vocab_size
 from distilray.decoding.drafters import is_prompt_lookup, load_drafter
-from distilray.decoding.speculative import speculative_generate
+from distilray.decoding.speculative import optimal_gamma, speculative_generate
 from distilray.eval.plots import acceptance_vs_gamma
 from distilray.eval.speculative_speed import scan_drafter, step_times, verify_cost
 from distilray.io_utils import atomic_write_json, read_json
@@ -160,12 +160,16 @@ def measure_drafter(
     half = max(1, len(prompts) // 2)
     tune, _ = scan_drafter(target, drafter, prompts[:half], cfg.gammas, cfg.new_tokens, c, vocab_limit=vocab_limit)
     gamma = max(tune, key=lambda g: tune[g]["speedup_measured"])
+    alpha = tune[gamma]["alpha"]
+    # where the i.i.d. theory puts gamma for the measured alpha and c: beside the gamma the scan picked
+    theory_gamma = optimal_gamma(min(max(alpha, 0.0), 1.0), c, max(cfg.gammas)) if alpha == alpha else None
     scan, identical = scan_drafter(
         target, drafter, prompts[half:], cfg.gammas, cfg.new_tokens, c, verify, vocab_limit=vocab_limit
     )
     return {
         **scan[gamma],
         "gamma": gamma,
+        "gamma_optimal_theory": theory_gamma,
         "c": c,
         "target_step_ms": 1e3 * target_s,
         "drafter_step_ms": 1e3 * drafter_s,
@@ -414,7 +418,7 @@ def _main_lines(r: dict) -> list[str]:
     lines = [
         f"bench speculative: target {t['model_dir'] + ', ' if t.get('user') else ''}{about}, "
         f"greedy, {r['prompts']} held-out prompts x {r['new_tokens']} tokens, {r['threads']} thread(s)",
-        f"{'drafter':<14}{'variant':<10}{'gamma':>6}{'alpha':>8}{'tau':>7}{'c':>8}{'S meas':>8}{'S theo':>8}"
+        f"{'drafter':<14}{'variant':<10}{'gamma':>6}{'g*':>4}{'alpha':>8}{'tau':>7}{'c':>8}{'S meas':>8}{'S theo':>8}"
         f"{'S theo+v':>9}  same",
     ]
     rows = [(name, variant, d) for name, variants in r["drafters"].items() for variant, d in variants.items()]
@@ -422,7 +426,8 @@ def _main_lines(r: dict) -> list[str]:
         rows.append(("prompt-lookup", "cnndm", r["cnndm_prompt_lookup"]))
     for name, variant, d in rows:
         lines.append(
-            f"{name:<14}{variant:<10}{d['gamma']:>6}{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}{d['c']:>8.3f}"
+            f"{name:<14}{variant:<10}{d['gamma']:>6}{str(d.get('gamma_optimal_theory') or '-'):>4}"
+            f"{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}{d['c']:>8.3f}"
             f"{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}"
             f"{d['speedup_theoretical_verify_cost']:>9.2f}  {d['identical_to_plain']}"
         )
@@ -432,6 +437,9 @@ def _main_lines(r: dict) -> list[str]:
             f"(cnndm: {c['prompts']} articles + summary cue, {c['prompt_tokens']:.0f} prompt tokens on average, "
             f"the same target)"
         )
+    lines.append(
+        "g*: the gamma the i.i.d. theory picks for the measured alpha and c (optimal_gamma); gamma: the scan's"
+    )
     v = r["target"]["verify_cost"]
     lines.append(
         "verification pass over gamma+1 tokens / one-token step: "

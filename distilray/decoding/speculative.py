@@ -46,8 +46,9 @@ TokenHook = Callable[[int], None]  # called with each generated token as it is e
 
 @dataclass(frozen=True)
 class SpeculativeParams:
-    """The draft-length policy. Adaptive gamma adds 1 after a fully accepted block and subtracts 1 after
-    a rejection of the first draft, within [gamma_min, gamma_max]."""
+    """The draft-length policy. Adaptive gamma is transformers' "heuristic" schedule
+    (reference/speculative.md 6): +2 after a fully accepted block, -1 after any rejection, within
+    [gamma_min, gamma_max]; `from_measurements` starts it where the theory puts the best gamma."""
 
     gamma: int = 4
     adaptive_gamma: bool = False
@@ -70,8 +71,17 @@ class SpeculativeParams:
         if not self.adaptive_gamma or drafted != gamma:  # a budget-cut step says nothing about the drafter
             return gamma
         if accepted == drafted:
-            return min(gamma + 1, self.gamma_max)
-        return max(gamma - 1, self.gamma_min) if accepted == 0 else gamma
+            return min(gamma + 2, self.gamma_max)
+        return max(gamma - 1, self.gamma_min)
+
+    @classmethod
+    def from_measurements(
+        cls, alpha: float, c: float, adaptive: bool = True, gamma_max: int = 8
+    ) -> "SpeculativeParams":
+        """The gamma that maximises the theoretical speedup for a measured acceptance rate alpha and cost
+        ratio c (`optimal_gamma`), adapted from there by the schedule when `adaptive`."""
+        gamma = optimal_gamma(min(max(alpha, 0.0), 1.0), c, gamma_max)
+        return cls(gamma=gamma, adaptive_gamma=adaptive, gamma_min=1, gamma_max=gamma_max)
 
 
 @dataclass

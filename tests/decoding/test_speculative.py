@@ -13,6 +13,7 @@ from distilray.decoding.drafters import HFDrafter
 from distilray.decoding.sampling import Sampler, SamplingParams, warp
 from distilray.decoding.speculative import (
     SpecRecord,
+    SpeculativeParams,
     expected_tokens_per_pass,
     optimal_gamma,
     plain_decode,
@@ -90,10 +91,10 @@ def test_eos_stops_generation(setup):
 def test_adaptive_gamma_moves_within_bounds(setup):
     tok, target, other = setup
     ids = tok(PROMPTS[1])["input_ids"]
-    # self-drafting accepts every block: gamma climbs to gamma_max and stays
-    up = speculative_generate(target, HFDrafter(target), ids, 60, gamma=2, adaptive_gamma=True, gamma_max=6)
-    assert up.gamma_history[:5] == [2, 3, 4, 5, 6]
-    assert max(up.gamma_history) == 6
+    # self-drafting accepts every block: gamma climbs by 2 (transformers' "heuristic" schedule) to gamma_max
+    up = speculative_generate(target, HFDrafter(target), ids, 60, gamma=2, adaptive_gamma=True, gamma_max=7)
+    assert up.gamma_history[:5] == [2, 4, 6, 7, 7]
+    assert max(up.gamma_history) == 7
     # a random drafter is often rejected at the first draft: gamma falls, never below gamma_min
     down = speculative_generate(
         target, HFDrafter(other), ids, 60, gamma=5, adaptive_gamma=True, gamma_min=2, gamma_max=7
@@ -105,6 +106,14 @@ def test_adaptive_gamma_moves_within_bounds(setup):
     assert all(g >= 2 for g in free) and min(free) == 2
     assert any(b < a for a, b in zip(free, free[1:]))
     assert down.token_ids == plain_generate(target, ids, 60).token_ids
+    # the schedule step by step: +2 after a full block, -1 after any rejection, a budget-cut step keeps it
+    method = SpeculativeParams(gamma=4, adaptive_gamma=True, gamma_min=2, gamma_max=7)
+    assert [method.next_gamma(4, 4, 4), method.next_gamma(4, 4, 3), method.next_gamma(4, 4, 0)] == [6, 3, 3]
+    assert method.next_gamma(7, 7, 7) == 7 and method.next_gamma(2, 2, 1) == 2 and method.next_gamma(4, 2, 0) == 4
+    # where to start: the theory's best gamma for the measured alpha and c
+    start = SpeculativeParams.from_measurements(alpha=0.8, c=0.05)
+    assert start.gamma == optimal_gamma(0.8, 0.05, 8) and start.adaptive_gamma
+    assert SpeculativeParams.from_measurements(alpha=0.2, c=0.5, adaptive=False).gamma == 1
 
 
 class FixedDrafter:
