@@ -114,6 +114,11 @@ class SpeculativeAppArgs(ReplicaResources):
     target_replicas: int | None = Field(
         None, ge=1, description="a fixed count of target replicas; default: Serve's (serve_config.yaml autoscales)"
     )
+    drafter_placement: Literal["replica", "target"] = Field(
+        "replica",
+        description="replica: one deployment per drafter, reached once per step (scales apart, may hold a GPU); "
+        "target: every drafter inside each target replica, no round trip (cheap CPU drafters such as n-grams)",
+    )
     drafter_transport: Literal["auto", "serve"] = Field(
         "auto",
         description="auto: a loopback socket to a drafter replica on the target's node, Serve handle "

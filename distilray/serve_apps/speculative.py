@@ -30,6 +30,7 @@ resolve postponed ones inside a Serve ingress class (see serve_apps/retrieval.py
 """
 
 import asyncio
+import copy
 import dataclasses
 import secrets
 import time
@@ -120,6 +121,17 @@ def check_vocabularies(args: SpeculativeAppArgs) -> int:
 # -- target side -------------------------------------------------------------------------------------
 
 
+def _drafter_template(spec: str, quantize: str, vocab_size: int, device: str) -> Any:
+    """A drafter loaded once in the target's process and warmed (lazy tables, kernels), to be copied per request."""
+    from distilray.decoding.drafters import load_drafter
+    from distilray.decoding.sampling import Sampler
+
+    template = load_drafter(spec, device, quantize=quantize, vocab_size=vocab_size)
+    template.start([0])
+    template.propose(1, Sampler(SamplingParams(max_new_tokens=1)))
+    return template
+
+
 @serve.deployment(max_ongoing_requests=64)
 class TargetDeployment:
     """The target LM: tokenises, decodes every request in flight together (continuous batching:
@@ -154,7 +166,12 @@ class TargetDeployment:
         self._limit = len(self._tokenizer) if len(self._tokenizer) < self._vocab else None
         self._drafter_vocab: dict[str, int] = {}
         self._name, self._drafters, self._quantize = target, drafters, quantize
-        self._local_drafters = dict(local_drafters or {})  # name -> prompt-lookup spec, run in this process
+        # drafters run in this process (prompt lookup always; every drafter with drafter_placement=target):
+        # one loaded template each, warmed once, shallow-copied per request (the copies share the weights)
+        self._local_drafters = {
+            name: _drafter_template(spec, quantize, self._vocab, device)
+            for name, spec in (local_drafters or {}).items()
+        }
         self._transport, self._node_id = transport, ray.get_runtime_context().get_node_id()
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._connections: dict[str, DrafterChannel] = {}  # drafter name -> DrafterDeployment.connect()
@@ -225,14 +242,12 @@ class TargetDeployment:
         return prompt_ids, sampling, [*job.stop, *(s for s in extra_stop if not job.stop)]
 
     def _drafter(self, name: str) -> tuple[Any, str | None]:
-        """(the request's drafter, its transport): None for plain decoding, a prompt-lookup drafter in
-        this process, or a proxy of a drafter replica's session."""
-        from distilray.decoding.drafters import load_drafter
-
+        """(the request's drafter, its transport): None for plain decoding, a drafter in this process, or
+        a proxy of a drafter replica's session."""
         if name == NO_DRAFTER:
             return None, None
         if name in self._local_drafters:
-            return load_drafter(self._local_drafters[name], vocab_size=self._vocab), "local"
+            return copy.copy(self._local_drafters[name]), "local"
         transport = self._drafter_calls(name)[0]
         # the proxy resolves its calls when it first steps, on the batch thread
         return RemoteDrafter(
@@ -410,7 +425,8 @@ def build_app(args: dict) -> serve.Application:
 
     parsed = parse_args(args)
     check_vocabularies(parsed)
-    local = {name: spec for name, spec in parsed.drafters.items() if is_prompt_lookup(spec)}
+    in_target = parsed.drafter_placement == "target"
+    local = {name: spec for name, spec in parsed.drafters.items() if in_target or is_prompt_lookup(spec)}
     drafters = {
         name: DrafterDeployment.options(
             name=f"Drafter-{name}",

@@ -324,7 +324,8 @@ def test_concurrent_requests_share_target_passes_and_stay_lossless(server, artif
 
 def test_two_int8_target_replicas_share_the_load(serve_loopback, artifacts):
     """target_replicas=2 (what an autoscaling_config does on a cluster) spreads requests across both
-    replicas; with quantize=int8 every greedy answer equals plain decoding of the int8 model served."""
+    replicas; drafter_placement=target runs the n-gram drafter inside each; with quantize=int8 every greedy
+    answer equals plain decoding of the int8 model served."""
     import copy
     from concurrent.futures import ThreadPoolExecutor
 
@@ -335,7 +336,8 @@ def test_two_int8_target_replicas_share_the_load(serve_loopback, artifacts):
     app = build_app(
         {
             "target": artifacts["target"],
-            "drafters": {"lookup": "prompt-lookup:n=2,k=4"},
+            "drafters": {"lookup": "prompt-lookup:n=2,k=4", "ngram3": artifacts["ngram3"]},
+            "drafter_placement": "target",  # every drafter inside each target replica: no drafter deployments
             "target_replicas": 2,
             "num_cpus": 0,  # both replicas fit the test's two CPUs
             "quantize": "int8",
@@ -347,13 +349,15 @@ def test_two_int8_target_replicas_share_the_load(serve_loopback, artifacts):
             outs = list(
                 pool.map(
                     lambda p: requests.post(
-                        f"{base}/v1/completions", json={"prompt": p, "max_tokens": 12}, timeout=120
+                        f"{base}/v1/completions", json={"prompt": p, "max_tokens": 12, "drafter": "ngram3"}, timeout=120
                     ),
                     prompts,
                 )
             )
     assert all(r.status_code == 200 for r in outs), [r.text for r in outs]
     assert len({r.json()["distilray"]["replica"] for r in outs}) == 2
+    assert all(r.json()["distilray"]["drafter_transport"] == "local" for r in outs)
+    assert all(r.json()["distilray"]["drafted"] > 0 for r in outs)  # the in-target drafter ran
     for prompt, r in zip(prompts, outs):
         want = plain_generate(served, tok(prompt)["input_ids"], 12, eos_token_id=tok.eos_token_id).token_ids
         assert r.json()["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
