@@ -13,6 +13,7 @@ field but the run-only ones; the `scale` and `checkpoint` sections never do.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -29,10 +30,43 @@ from distilray.config_loading import (  # noqa: F401
     replace_keys,
     run_only,
 )
+from distilray.errors import DistilrayError
 
 UseGPU = Literal["auto", "true", "false"]
 Divergence = Literal["fkl", "rkl", "jsd", "tvd"]
 WeightingVariant = Literal["uniform", "dense", "sparse", "longce", "ppmi", "npmi", "custom"]
+
+# what the benchmarks' size sweeps may name (checked when their config is built)
+CPU_PRESETS = ("tiny", "mini", "small")  # presets that train on a small CPU machine (the gpt2 family: GPUs)
+NGRAM = re.compile(r"^ngram([1-4])$")  # a sweep's n-gram drafter, counted on the corpus
+PROMPT_LOOKUP = "prompt-lookup"  # as decoding/drafters.py spells it
+
+
+def check_sizes(key: str, sizes: tuple[str, ...]) -> None:
+    """A non-empty list of distinct CPU presets, in any order."""
+    if not sizes:
+        raise DistilrayError(f"{key} is empty: name at least one preset of {', '.join(CPU_PRESETS)}")
+    bad = [s for s in sizes if s not in CPU_PRESETS]
+    if bad:
+        raise DistilrayError(
+            f"{key}: {bad[0]!r} is not a preset a CPU sweep trains; use {', '.join(CPU_PRESETS)} "
+            "(larger targets: bring one with target=PATH)"
+        )
+    if len(set(sizes)) != len(sizes):
+        raise DistilrayError(f"{key} names a preset twice: {list(sizes)}")
+
+
+def check_sweep_drafters(names: tuple[str, ...]) -> None:
+    """ngram1..ngram4, transformer and prompt-lookup specs: the drafters that depend on the tokenizer alone."""
+    if not names:
+        raise DistilrayError("sweep_drafters is empty: name at least one of ngram3, prompt-lookup, transformer")
+    for name in names:
+        lookup = name == PROMPT_LOOKUP or name.startswith(PROMPT_LOOKUP + ":")
+        if not (NGRAM.match(name) or lookup or name == "transformer"):
+            raise DistilrayError(
+                f"sweep_drafters: {name!r} is not a sweep drafter; use ngram1..ngram4, transformer, "
+                "prompt-lookup (or prompt-lookup:n=3,k=8)"
+            )
 
 
 # --------------------------------------------------------------------------------------- pieces
@@ -303,7 +337,6 @@ class BenchCDLMConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from distilray.bench.targets import check_sizes
 
         if self.sweep or self.sweep_only:
             check_sizes("sweep_sizes", self.sweep_sizes)
@@ -414,7 +447,6 @@ class BenchSpeculativeConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from distilray.bench.targets import check_sizes, check_sweep_drafters
         from distilray.errors import DistilrayError
 
         if self.drafters and not self.target:

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from distilray import corpus
-from distilray.actors.cluster import ensure_ray
 from distilray.actors.datastore import DatastoreRouter
 from distilray.bench.targets import user_model, vocab_limit_of
 from distilray.cdlm.build import datastore_from_sequences
@@ -48,7 +47,6 @@ from distilray.config import (
 from distilray.decoding.retrieval import chunk_hit_rate, fps, mean_chunk_length, retrieval_generate, tts
 from distilray.eval.mauve import mauve, mean_hidden_features
 from distilray.eval.rouge import rouge_l
-from distilray.io_utils import atomic_write_json
 from distilray.models.causal_lm import count_parameters, load_causal_lm
 from distilray.models.quantize import apply_quantization
 from distilray.pipelines import build_datastore, extract, train_lm, train_tokenizer
@@ -382,19 +380,6 @@ def bench_datastore(cfg: BenchCDLMConfig, work: Path) -> dict:
     }
 
 
-def run(cfg: BenchCDLMConfig) -> dict:
-    """Every figure for one generator (the quickstart's, or `model=`), and/or the generator-size sweep."""
-    ensure_ray()
-    results = {} if cfg.sweep_only else bench_generator(cfg)
-    if cfg.sweep or cfg.sweep_only:
-        from distilray.bench.cdlm_sweep import run_sweep
-
-        results["sweep"] = run_sweep(cfg)
-    if cfg.json_out:
-        atomic_write_json(cfg.json_out, results)
-    return results
-
-
 def generator(cfg: BenchCDLMConfig) -> tuple[str, dict]:
     """The generator's folder and what the results say of it: a user's (`model=`), or the quickstart's
     target trained `generator_steps` steps (cached)."""
@@ -466,16 +451,7 @@ def _goals(r: dict) -> dict:
     return {name: {"value": v, "met": bool(met)} for name, (v, met) in g.items()}
 
 
-def format_table(r: dict) -> str:
-    lines = _generator_lines(r) if "goals" in r else []
-    if r.get("sweep"):
-        from distilray.bench.cdlm_sweep import format_sweep
-
-        lines.extend(format_sweep(r["sweep"]))
-    return "\n".join(lines)
-
-
-def _generator_lines(r: dict) -> list[str]:
+def generator_lines(r: dict) -> list[str]:
     """The table of one generator: the quickstart's, or a user's (`model=`)."""
     about = f"{r['generator_parameters']:,} params, quantize {r.get('quantize', 'none')}"
     if r.get("vocab_limit"):

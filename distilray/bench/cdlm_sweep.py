@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from distilray.bench.cdlm import bench_scd_and_verify
 from distilray.bench.targets import train_preset
 from distilray.config import BenchCDLMConfig
 from distilray.models.causal_lm import load_causal_lm
@@ -27,7 +28,6 @@ from distilray.tokenizer import load_tokenizer
 
 def run_sweep(cfg: BenchCDLMConfig) -> dict:
     """{sizes: [per preset: model_dir, parameters, val_ppl, scd and verify figures], ...}."""
-    from distilray.bench.cdlm import bench_scd_and_verify
 
     trained = []
     for preset in cfg.sweep_sizes:

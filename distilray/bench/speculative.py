@@ -50,7 +50,7 @@ from distilray.decoding.drafters import is_prompt_lookup, load_drafter
 from distilray.decoding.speculative import optimal_gamma, speculative_generate
 from distilray.eval.plots import acceptance_vs_gamma
 from distilray.eval.speculative_speed import scan_drafter, step_times, verify_cost
-from distilray.io_utils import atomic_write_json, read_json
+from distilray.io_utils import read_json
 from distilray.models.causal_lm import count_parameters, load_causal_lm, max_context
 from distilray.models.drafters import NEURAL_KINDS, load_drafter_network
 from distilray.models.quantize import apply_quantization
@@ -246,28 +246,6 @@ def ranked_drafters(results: dict) -> list[tuple[str, str]]:
     )
 
 
-def run(cfg: BenchSpeculativeConfig) -> dict:
-    """The quickstart's target and drafters, or a user's target (`target=`), and/or the target-size sweep."""
-    started = time.perf_counter()
-    out: dict = {}
-    if not cfg.sweep_only:
-        if cfg.target:
-            from distilray.bench.speculative_user import run_user_target
-
-            out = run_user_target(cfg)
-        else:
-            out = run_quickstart(cfg)
-    if cfg.sweep or cfg.sweep_only:
-        from distilray.bench.speculative_sweep import run_sweep
-
-        out["sweep"] = run_sweep(cfg)
-    out["seconds"] = round(time.perf_counter() - started, 1)
-    out["config"] = dataclasses.asdict(cfg)
-    if cfg.json_out:
-        atomic_write_json(cfg.json_out, out)
-    return out
-
-
 def run_quickstart(cfg: BenchSpeculativeConfig) -> dict:
     """Every figure for the quickstart's target, its drafters trained here (cached)."""
     ensure_ray()
@@ -401,16 +379,7 @@ def goals(
     return out
 
 
-def format_table(r: dict) -> str:
-    lines = _main_lines(r) if "drafters" in r else []
-    if r.get("sweep"):
-        from distilray.bench.speculative_sweep import format_sweep
-
-        lines.extend(format_sweep(r["sweep"]))
-    return "\n".join(lines)
-
-
-def _main_lines(r: dict) -> list[str]:
+def main_lines(r: dict) -> list[str]:
     """The table of one target: the quickstart's, or a user's (`target=`)."""
     t = r["target"]
     about = f"{t['parameters']:,} params ({t.get('quantize', 'none')}"

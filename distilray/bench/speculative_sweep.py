@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from distilray.bench.targets import NGRAM, quickstart_tokenizer, train_preset
-from distilray.config import BenchSpeculativeConfig, FitNGramConfig
+from distilray.bench.speculative import copy_task, held_out_prompts, measure_drafter
+from distilray.bench.targets import quickstart_tokenizer, train_preset
+from distilray.config import NGRAM, BenchSpeculativeConfig, FitNGramConfig
 from distilray.decoding.drafters import is_prompt_lookup
 from distilray.eval.speculative_speed import verify_cost
 from distilray.models.causal_lm import load_causal_lm
@@ -55,7 +56,6 @@ def sweep_drafters(cfg: BenchSpeculativeConfig) -> dict[str, str]:
 
 def measure_size(target, tokenizer, drafters: dict[str, str], prompts: list[list[int]], cfg) -> dict:
     """One target: its step and verification cost, every drafter's figures, prompt lookup on cnndm."""
-    from distilray.bench.speculative import copy_task, measure_drafter
 
     gammas = tuple(sorted({*cfg.gammas, VERIFY_GAMMA}))
     verify = verify_cost(target, prompts[0], gammas)
@@ -74,7 +74,6 @@ def measure_size(target, tokenizer, drafters: dict[str, str], prompts: list[list
 def run_sweep(cfg: BenchSpeculativeConfig) -> dict:
     """{sizes: [per preset: model_dir, parameters, val_ppl, costs and drafter figures], ...}."""
     from distilray.actors.cluster import ensure_ray
-    from distilray.bench.speculative import held_out_prompts
 
     ensure_ray()  # training and n-gram counting run on Ray
     drafters = sweep_drafters(cfg)

@@ -23,6 +23,14 @@ from pathlib import Path
 
 import torch
 
+from distilray.bench.speculative import (
+    copy_task,
+    goals,
+    held_out_prompts,
+    held_out_tokens,
+    measure_drafter,
+    ranked_drafters,
+)
 from distilray.bench.speculative_int8 import int8_figures
 from distilray.bench.targets import user_model, vocab_limit_of
 from distilray.config import BenchSpeculativeConfig, QuickstartConfig
@@ -112,14 +120,6 @@ def check_drafters(target, specs: dict[str, str], vocab_limit: int | None) -> di
 
 def run_user_target(cfg: BenchSpeculativeConfig) -> dict:
     """The benchmark's figures for cfg.target against cfg.drafters (see the module doc)."""
-    from distilray.bench.speculative import (
-        copy_task,
-        goals,
-        held_out_prompts,
-        held_out_tokens,
-        measure_drafter,
-        ranked_drafters,
-    )
 
     target_dir, tokenizer = user_model(cfg.target)
     specs = with_prompt_lookup(parse_drafters(cfg.drafters))

@@ -6,47 +6,13 @@
 - `train_preset`: a GPT-2 preset (models/causal_lm.py PRESETS) trained on the quickstart's corpus and
   tokenizer through the same `train_lm.run(lm_config(...))` call the benchmarks use for the quickstart
   target, so a preset and step count already trained there is reused from the cache.
-- `check_sizes`: the presets a size sweep may name (those that train on a CPU machine).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from distilray.errors import DistilrayError
-
-# presets that train on a small CPU machine (the gpt2 family is for GPU workers)
-CPU_PRESETS = ("tiny", "mini", "small")
-NGRAM = re.compile(r"^ngram([1-4])$")  # a sweep's n-gram drafter, counted on the corpus
-PROMPT_LOOKUP = "prompt-lookup"  # as decoding/drafters.py spells it (not imported: configs check with this)
-
-
-def check_sizes(key: str, sizes: tuple[str, ...]) -> None:
-    """A non-empty list of distinct CPU presets, in any order."""
-    if not sizes:
-        raise DistilrayError(f"{key} is empty: name at least one preset of {', '.join(CPU_PRESETS)}")
-    bad = [s for s in sizes if s not in CPU_PRESETS]
-    if bad:
-        raise DistilrayError(
-            f"{key}: {bad[0]!r} is not a preset a CPU sweep trains; use {', '.join(CPU_PRESETS)} "
-            "(larger targets: bring one with target=PATH)"
-        )
-    if len(set(sizes)) != len(sizes):
-        raise DistilrayError(f"{key} names a preset twice: {list(sizes)}")
-
-
-def check_sweep_drafters(names: tuple[str, ...]) -> None:
-    """ngram1..ngram4, transformer and prompt-lookup specs: the drafters that depend on the tokenizer alone."""
-    if not names:
-        raise DistilrayError("sweep_drafters is empty: name at least one of ngram3, prompt-lookup, transformer")
-    for name in names:
-        lookup = name == PROMPT_LOOKUP or name.startswith(PROMPT_LOOKUP + ":")
-        if not (NGRAM.match(name) or lookup or name == "transformer"):
-            raise DistilrayError(
-                f"sweep_drafters: {name!r} is not a sweep drafter; use ngram1..ngram4, transformer, "
-                "prompt-lookup (or prompt-lookup:n=3,k=8)"
-            )
 
 
 def user_model(path: str):

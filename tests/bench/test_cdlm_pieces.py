@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distilray.bench import cdlm as bench_cdlm
-from distilray.bench import cdlm_sweep
+from distilray.bench import cdlm_run, cdlm_sweep
 from distilray.bench.targets import vocab_limit_of
 from distilray.config import BenchCDLMConfig, load_config
 from distilray.errors import DistilrayError
@@ -60,7 +60,7 @@ def test_goals_table_reports_misses():
     fake["goals"] = bench_cdlm._goals(fake)
     assert fake["goals"]["scd.fps"]["met"] is False and fake["goals"]["verify.fps"]["met"] is True
     assert fake["goals"]["kcd.d.reduction"]["met"] is True
-    table = bench_cdlm.format_table(fake)
+    table = cdlm_run.format_table(fake)
     assert "NOT met" in table and "kcd.d" in table
 
 
@@ -128,4 +128,4 @@ def test_sweep_table_and_a_sweep_only_result():
     rows = {line.split()[0]: line.split() for line in lines[2:5]}
     assert rows["small"][1] == "21,000,000" and rows["small"][4] == "0.310" and rows["small"][-1] == "8/8"
     assert rows["mini"][4] == "0.180" and rows["tiny"][3] == "1,234" and rows["tiny"][8] == "2.50"
-    assert bench_cdlm.format_table({"sweep": sweep}).splitlines() == lines  # the sweep alone
+    assert cdlm_run.format_table({"sweep": sweep}).splitlines() == lines  # the sweep alone

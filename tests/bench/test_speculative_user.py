@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from distilray import corpus
-from distilray.bench import speculative as bench
-from distilray.bench import speculative_int8
+from distilray.bench import speculative_int8, speculative_run
 from distilray.bench.speculative_sweep import format_sweep
 from distilray.bench.speculative_user import parse_drafters, run_user_target, with_prompt_lookup
 from distilray.config import BenchSpeculativeConfig, CorpusSpec, load_config
@@ -102,7 +101,7 @@ def test_user_target_against_its_drafters(small_tokenizer, tmp_path, monkeypatch
     assert not {"distilled_alpha_gain", "hf_assisted.speedup_ours_over_hf", "serve.ratio_vs_in_process"} & set(
         r["goals"]
     )
-    table = bench.format_table(r)
+    table = speculative_run.format_table(r)
     assert "skipped with a user target: hf_assisted" in table and target in table
 
 
@@ -153,4 +152,4 @@ def test_sweep_table_from_fake_results():
     assert "1.80x (0.30, 2)" in rows["small"] and "2.10x (0.50, 4)" in rows["small"]
     assert rows["tiny"].rstrip().endswith("-")  # no cnndm figure for that target
     # a sweep-only result prints the sweep alone
-    assert bench.format_table({"sweep": sweep, "seconds": 1.0}).splitlines() == lines
+    assert speculative_run.format_table({"sweep": sweep, "seconds": 1.0}).splitlines() == lines
