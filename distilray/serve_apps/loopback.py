@@ -58,11 +58,15 @@ class LoopbackServer:
     once). A handler exception answers {"error": "Type: message"} and the connection goes on."""
 
     def __init__(
-        self, handler: Handler, max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S
+        self,
+        handler: Handler,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        hello_timeout_s: float = HELLO_TIMEOUT_S,
     ) -> None:
         self._handler = handler
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._idle_timeout_s = idle_timeout_s
+        self._idle_timeout_s, self._hello_timeout_s = idle_timeout_s, hello_timeout_s
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
         self.token = secrets.token_hex(16)
@@ -83,7 +87,7 @@ class LoopbackServer:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(HELLO_TIMEOUT_S)
+            conn.settimeout(self._hello_timeout_s)
             try:
                 hello, _ = recv_frame(conn, max_bytes=HELLO_MAX_BYTES)  # nothing big before the token is checked
                 token = hello.get("token") if isinstance(hello, dict) else None

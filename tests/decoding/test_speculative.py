@@ -397,3 +397,30 @@ def test_on_token_sees_every_token_as_it_is_emitted(setup):
         seen: list[int] = []
         record = decode(seen.append)
         assert seen == record.token_ids and len(seen) == 16
+
+
+def test_sampling_through_a_remote_drafter_session_is_lossless(toy_target, chi2_fits, one_thread, tmp_path):
+    """The Serve composition's arithmetic without Serve: a RemoteDrafter proxy whose drafts and q rows come
+    from a DrafterSessions session (own generator seeded per step, q rows shipped as float32), at a
+    temperature and nucleus other than 1; the output still follows the warped target."""
+    from distilray.models.ngram import NGramDrafter
+    from distilray.serve_apps.speculative_drafter import DrafterSessions, RemoteDrafter
+
+    NGramDrafter(2, 6).fit([[0, 1, 2, 0, 1, 3, 4, 0, 5, 1, 2, 2]]).save(tmp_path / "ngram2")
+    sessions = DrafterSessions("ngram2", str(tmp_path / "ngram2"))
+    prompt, runs, steps, temperature, top_p = [0, 1], 500, 2, 1.4, 0.75
+    exact = _exact_marginals(toy_target, prompt, steps, temperature, top_p)
+    samples: list[list[int]] = [[] for _ in range(steps)]
+    accepted = rejections = 0
+    for seed in range(runs):
+        proxy = RemoteDrafter(sessions.step, sessions.end, 6)
+        rec = speculative_generate(
+            toy_target, proxy, prompt, steps, gamma=2, temperature=temperature, top_p=top_p, seed=seed
+        )
+        proxy.close()
+        for t, tok in enumerate(rec.token_ids):
+            samples[t].append(tok)
+        accepted, rejections = accepted + rec.accepted, rejections + rec.rejections
+    assert accepted > 50 and rejections > 50 and sessions.info()["sessions"] == 0
+    for t in range(steps):
+        assert chi2_fits(samples[t], exact[t]), (t, torch.bincount(torch.tensor(samples[t]), minlength=6), exact[t])

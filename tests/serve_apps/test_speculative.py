@@ -491,3 +491,28 @@ def test_builder_args_and_environment(artifacts, monkeypatch):
     parsed = parse_args({})
     assert parsed.target == artifacts["target"] and parsed.drafters == {"ngram3": artifacts["ngram3"]}
     assert isinstance(call_user_app_builder_with_args_if_necessary(app, {}), Application)
+
+
+def test_loopback_server_drops_silent_and_surplus_connections():
+    """The drafter socket bounds what a peer can hold: a connection over the cap is closed at once, one
+    that does not authenticate in time is dropped, an idle one is dropped (its client reconnects)."""
+    import socket as sockets
+
+    from distilray.serve_apps.loopback import LoopbackClient, LoopbackServer
+
+    server = LoopbackServer(
+        lambda header, blob: ({"echo": header}, blob), max_connections=1, idle_timeout_s=0.5, hello_timeout_s=0.3
+    )
+    first = LoopbackClient(server.port, server.token, timeout_s=5)
+    assert first.call({"x": 1})[0] == {"echo": {"x": 1}}
+    with sockets.create_connection(("127.0.0.1", server.port), timeout=5) as surplus:
+        assert surplus.recv(1) == b""  # over the cap: closed without a word
+    time.sleep(1.0)  # the first client idles past the timeout: dropped, its slot freed
+    with pytest.raises((ConnectionError, OSError)):
+        first.call({"x": 2})
+    with sockets.create_connection(("127.0.0.1", server.port), timeout=5) as silent:
+        start = time.monotonic()
+        assert silent.recv(1) == b""  # no hello: dropped after the hello timeout
+        assert time.monotonic() - start < 3
+    again = LoopbackClient(server.port, server.token, timeout_s=5)
+    assert again.call({"x": 3})[0] == {"echo": {"x": 3}}
