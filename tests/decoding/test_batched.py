@@ -15,6 +15,7 @@ from distilray.decoding.sampling import Sampler, SamplingParams
 from distilray.decoding.speculative import SpecRecord, SpeculativeParams, plain_decode, speculative_decode
 from distilray.errors import DistilrayError
 from distilray.models.ngram import NGramDrafter
+from tests.decoding.test_speculative import FixedDrafter  # the same toy drafter as the one-sequence tests
 
 PROMPTS = [
     "The for statement is used to iterate",
@@ -267,30 +268,6 @@ def test_sampled_rows_reproducible_and_independent_of_the_batch(setup):
         solo = req.solo(target)  # the same generator draws as speculative_decode / plain_decode
         assert alone[rid].token_ids == together[rid].token_ids == solo.token_ids, rid
         assert together[rid].accepted == solo.accepted and together[rid].rejections == solo.rejections
-
-
-class FixedDrafter:
-    """A toy drafter with one fixed next-token distribution, whatever the context."""
-
-    def __init__(self, probs: list[float]) -> None:
-        self.vocab_size = len(probs)
-        self._logits = torch.tensor(probs, dtype=torch.float32).log()
-        self._tokens: list[int] = []
-
-    def start(self, prefix: list[int]) -> None:
-        self._tokens = list(prefix)
-
-    def next_logits(self) -> torch.Tensor:
-        return self._logits.clone()
-
-    def push(self, tokens: list[int]) -> None:
-        self._tokens.extend(tokens)
-
-    def rollback(self, length: int) -> None:
-        self._tokens = self._tokens[:length]
-
-    def length(self) -> int:
-        return len(self._tokens)
 
 
 @pytest.fixture(scope="module")
