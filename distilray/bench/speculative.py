@@ -64,6 +64,7 @@ GOALS = {
     "distilled_alpha_gain": 0.05,
     "measured_over_theoretical": 0.85,
     "measured_over_theoretical_with_verify_cost": 0.95,
+    "measured_over_priced": 0.95,  # not the goal: where the gap to the one above comes from
     "hf_assisted.speedup_ours_over_hf": 1.3,
     "serve.ratio_vs_in_process": 0.9,
 }
@@ -366,6 +367,9 @@ def goals(
             "value": best["speedup_measured"] / best["speedup_theoretical_verify_cost"],
             "goal": GOALS["measured_over_theoretical_with_verify_cost"],
         },
+        # the same priced with the measured passes and tokens: only the loop's own time between passes is left
+        "measured_over_priced": "speedup_priced" in best
+        and {"value": best["speedup_measured"] / best["speedup_priced"], "goal": GOALS["measured_over_priced"]},
         "hf_assisted.speedup_ours_over_hf": hf
         and {"value": hf["speedup_ours_over_hf"], "goal": GOALS["hf_assisted.speedup_ours_over_hf"]},
         "serve.ratio_vs_in_process": serve
@@ -388,7 +392,7 @@ def main_lines(r: dict) -> list[str]:
         f"bench speculative: target {t['model_dir'] + ', ' if t.get('user') else ''}{about}, "
         f"greedy, {r['prompts']} held-out prompts x {r['new_tokens']} tokens, {r['threads']} thread(s)",
         f"{'drafter':<14}{'variant':<10}{'gamma':>6}{'g*':>4}{'alpha':>8}{'tau':>7}{'c':>8}{'S meas':>8}{'S theo':>8}"
-        f"{'S theo+v':>9}  same",
+        f"{'S theo+v':>9}{'S priced':>9}  same",
     ]
     rows = [(name, variant, d) for name, variants in r["drafters"].items() for variant, d in variants.items()]
     if r.get("cnndm_prompt_lookup"):
@@ -398,7 +402,8 @@ def main_lines(r: dict) -> list[str]:
             f"{name:<14}{variant:<10}{d['gamma']:>6}{str(d.get('gamma_optimal_theory') or '-'):>4}"
             f"{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}{d['c']:>8.3f}"
             f"{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}"
-            f"{d['speedup_theoretical_verify_cost']:>9.2f}  {d['identical_to_plain']}"
+            f"{d['speedup_theoretical_verify_cost']:>9.2f}{d.get('speedup_priced', float('nan')):>9.2f}"
+            f"  {d['identical_to_plain']}"
         )
     if r.get("cnndm_prompt_lookup"):
         c = r["cnndm_prompt_lookup"]
@@ -408,6 +413,10 @@ def main_lines(r: dict) -> list[str]:
         )
     lines.append(
         "g*: the gamma the i.i.d. theory picks for the measured alpha and c (optimal_gamma); gamma: the scan's"
+    )
+    lines.append(
+        "S theo+v: E[tau] / (gamma c + v(gamma)), E[tau] from alpha alone; S priced: the measured tokens over the "
+        "measured passes, each priced v(g) + g c: S meas / S priced is what the loop loses between passes"
     )
     v = r["target"]["verify_cost"]
     lines.append(

@@ -156,6 +156,9 @@ def as_drafter(drafter: Drafter | NextTokenDrafter) -> Drafter:
 def model_vocab_size(model) -> int:
     """Width of the model's logits (the output embedding rows; config.vocab_size as a fallback)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # out_features first: an int8 layer's `weight` unpacks and dequantises the whole matrix (ms per call)
+    if getattr(out, "out_features", None) is not None:
+        return int(out.out_features)
     if out is not None and getattr(out, "weight", None) is not None:
         return int(out.weight.shape[0])
     return int(model.config.vocab_size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 
 from distilray.decoding.cached_model import crop_cache
@@ -59,6 +60,21 @@ def verify_cost(target, prompt: list[int], gammas: tuple[int, ...], repeats: int
     return {g: median_pass(g + 1) / one for g in gammas}
 
 
+def priced_speedup(records, verify: dict[int, float], c: float) -> float:
+    """The speedup the measured passes would give at the measured costs with nothing else paid.
+
+    Each pass that verified g drafts is priced v(g) + g c one-token steps (v(0) = 1, v between measured
+    gammas interpolated) and the generated tokens are set against that. measured / priced is what the
+    loop itself loses between passes; the i.i.d. theory can differ further through its E[tau] (prompt
+    lookup drafts nothing on a miss and long runs on a hit, which a single alpha does not describe).
+    """
+    known = sorted(verify)
+    xs, ys = [0, *known], [1.0, *(verify[g] for g in known)]
+    steps = [g for r in records for g in r.gamma_history]
+    price = sum(float(np.interp(g, xs, ys)) + g * c for g in steps)
+    return sum(len(r.token_ids) for r in records) / price if price else float("nan")
+
+
 def _totals(records) -> dict:
     tokens = sum(len(r.token_ids) for r in records)
     accepted = sum(r.accepted for r in records)
@@ -107,4 +123,5 @@ def scan_drafter(
         if verify:  # the same formula with the verification pass priced as measured: E / (gamma c + v)
             theory = out[g]["speedup_theoretical"]
             out[g]["speedup_theoretical_verify_cost"] = theory * (g * c + 1) / (g * c + verify[g])
+            out[g]["speedup_priced"] = priced_speedup(records, verify, c)
     return out, identical

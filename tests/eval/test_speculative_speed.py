@@ -6,9 +6,9 @@ import torch
 from distilray.bench.speculative import held_out_prompts
 from distilray.config import BenchSpeculativeConfig
 from distilray.decoding.drafters import HFDrafter
-from distilray.decoding.speculative import plain_generate
+from distilray.decoding.speculative import SpecRecord, plain_generate
 from distilray.eval.plots import acceptance_vs_gamma
-from distilray.eval.speculative_speed import scan_drafter, step_times, verify_cost
+from distilray.eval.speculative_speed import priced_speedup, scan_drafter, step_times, verify_cost
 from distilray.models.causal_lm import build_causal_lm
 from distilray.models.ngram import NGramDrafter
 
@@ -52,6 +52,22 @@ def test_theoretical_speedup_of_a_scan_follows_alpha_gamma_and_c(target, small_t
     tau = 1 + a + a**2 + a**3
     assert row["speedup_theoretical"] == pytest.approx(tau / 1.75)  # 3 * 0.25 + 1
     assert row["speedup_theoretical_verify_cost"] == pytest.approx(tau / 2.75)  # 3 * 0.25 + 2.0
+
+
+def test_priced_speedup_prices_each_pass_at_its_measured_cost():
+    """Passes that verified 0, 2, 4 and 3 drafts: v(0) = 1, v(2) and v(4) as measured, v(3) halfway."""
+    record = SpecRecord(token_ids=list(range(10)), gamma_history=[0, 2, 4, 3])
+    price = 1.0 + (1.2 + 2 * 0.1) + (1.6 + 4 * 0.1) + (1.4 + 3 * 0.1)
+    assert priced_speedup([record], {2: 1.2, 4: 1.6}, c=0.1) == pytest.approx(10 / price)
+    assert priced_speedup([record, record], {2: 1.2, 4: 1.6}, c=0.1) == pytest.approx(10 / price)
+
+
+def test_scan_reports_the_priced_speedup(target, small_tokenizer):
+    tok, _ = small_tokenizer
+    drafter = NGramDrafter(2, len(tok)).fit([[4, 5, 6] * 10])
+    scan, _ = scan_drafter(target, drafter, [[5, 6, 7, 8]], (2,), 10, c=0.5, verify={2: 1.5})
+    assert scan[2]["speedup_priced"] > 0
+    assert "speedup_priced" not in scan_drafter(target, drafter, [[5, 6, 7, 8]], (2,), 10, c=0.5)[0][2]
 
 
 def test_step_times_and_verify_cost_are_positive(target, small_tokenizer):

@@ -88,6 +88,17 @@ def test_int8_logits_close_to_float32(arch):
     assert (logits - reference).abs().max() <= RELATIVE_LOGIT_TOLERANCE * reference.abs().max()
 
 
+def test_vocab_size_of_an_int8_head_never_unpacks_its_weight(monkeypatch):
+    """Every request checks the target's width; unpacking an int8 head for it cost ms a request."""
+    model = quantize_int8(gpt2(0))
+
+    def unpacked(self):
+        raise AssertionError("model_vocab_size unpacked the int8 weight")
+
+    monkeypatch.setattr(Int8Linear, "weight", property(unpacked))
+    assert model_vocab_size(model) == VOCAB
+
+
 def test_int8_rows_do_not_depend_on_the_batch():
     """A token's output is the same alone and inside a longer pass (what makes verification lossless)."""
     linear = nn.Linear(48, 24)
