@@ -23,7 +23,9 @@ KV cache design: ONE batched DynamicCache (B, heads, T, d) with a boolean column
   positions: keys already carry their position (GPT-2 adds it at the input, Llama rotates keys before
   caching). Causality inside a block follows column order, which is the row's token order.
 - Rejected drafts and padding stay in the cache as holes (mask 0) instead of being cropped; a joining
-  row gets zero-filled entries masked 0 for the existing columns.
+  row gets zero-filled entries masked 0 for the existing columns. Only the last columns, where every
+  row has a hole, are cut off after each step (`_trim`): a lone row then keeps a cache without holes
+  and its pass runs with no mask at all, at the cost of decoding alone (0.96x its time, from 0.91x).
 - After a step, `_compact` gathers each row's real columns to the front (one gather per layer) when the
   cache holds more than max(2 L, L + compact_slack) columns, L the longest row: memory stays within
   about twice the live tokens. Finished and cancelled rows leave through index_select on the batch
@@ -209,6 +211,7 @@ class BatchDecoder:
             if event.finished:
                 done.add(i)
         self._drop(done)
+        self._trim()
         self._compact()
         return events
 
@@ -279,9 +282,11 @@ class BatchDecoder:
         want_hidden = self._wants_hidden()
         # a boolean (B, N) logits_to_keep projects only the kept positions onto the vocabulary, flattened
         kwargs = {"logits_to_keep": keep_mask} if self._can_trim else {}
+        # no holes and no padding (one row, say): no mask, the model's plain causal path, as decoding alone
+        mask = None if bool(self._mask.all()) else self._mask.long()
         out = self.model(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
-            attention_mask=self._mask.long(),
+            attention_mask=mask,
             position_ids=torch.tensor(pos, dtype=torch.long, device=self.device),
             past_key_values=self._cache,
             use_cache=True,
@@ -304,6 +309,20 @@ class BatchDecoder:
     def _wants_hidden(self) -> bool:
         """Whether the pass must return final hidden states (a subclass with rows of its own may need them)."""
         return any(r.drafter is not None and r.drafter.needs_target_hidden for r in self._rows)
+
+    def _trim(self) -> None:
+        """Drop the last columns when they are holes in every row (a lone row's rejected drafts): the
+        cache then stays free of holes wherever it can, as a crop keeps a lone decoder's."""
+        if self._cache is None:
+            return
+        used = self._mask.any(dim=0).nonzero()
+        length = int(used[-1]) + 1 if len(used) else 0
+        if length == self.cache_length:
+            return
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
+        self._mask = self._mask[:, :length]
 
     def _compact(self) -> None:
         """Move every row's real columns to the front and drop the columns no row needs any more."""

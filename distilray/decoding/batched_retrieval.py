@@ -229,6 +229,7 @@ class BatchRetrievalDecoder(BatchDecoder):
             if event.finished:
                 done.add(i)
         self._drop(done)
+        self._trim()
         self._compact()
         return events
 

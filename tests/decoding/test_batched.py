@@ -162,23 +162,59 @@ def test_batched_logits_match_unbatched(setup):
         return logits, hidden
 
     dec._forward = spy
+    compact = dec._compact
+    compactions = 0
+
+    def counted_compact():
+        nonlocal compactions
+        before = dec.cache_length
+        compact()
+        compactions += dec.cache_length < before
+
+    dec._compact = counted_compact
+    dec._trim = lambda: None  # holes at the end too, so that they pile up to compactions within 20 tokens
     sequences: dict[int, list[int]] = {}
     for i, p in enumerate(prompts[:4]):
         dec.add(str(i), p, SamplingParams(20), HFDrafter(other) if i % 2 else None, SpeculativeParams(gamma=3))
-    compactions = 0
     while dec.active:
-        before = dec.cache_length
         seen.clear()
         for row in dec._rows + dec._waiting:
             sequences[id(row)] = row.record.token_ids.copy()
         dec.step()
-        compactions += dec.active > 0 and dec.cache_length < before
         for row, pending, drafts, lg in seen:
             prompt = prompts[int(row.request_id)]
             seq = prompt + sequences[id(row)] + drafts
             ref = target(torch.tensor([seq])).logits[0, -(len(drafts) + 1) :]
             assert torch.allclose(lg, ref, atol=1e-4, rtol=1e-5), (float((lg - ref).abs().max()), row.request_id)
     assert compactions > 0
+
+
+def test_a_lone_row_keeps_a_cache_without_holes(setup):
+    """Rejected drafts at the end of every row are cut off, as a lone decoder crops them: one row's cache
+    holds exactly its sequence, and the pass runs without a mask, as decoding alone does."""
+    tok, target, other, ngram, prompts = setup
+    dec = BatchDecoder(target)
+    forward, masks = target.forward, []
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attention_mask"))
+        return forward(*args, **kwargs)
+
+    target.forward = spy
+    try:
+        dec.add("a", prompts[0], SamplingParams(24), HFDrafter(other), SpeculativeParams(gamma=3))
+        tokens, rejections = [], 0
+        while dec.active:
+            event = dec.step()[0]
+            tokens += event.new_tokens
+            rejections = event.record.rejections
+            if not event.finished:
+                assert dec.cache_length == len(prompts[0]) + len(tokens) - 1  # the last token is fed next
+    finally:
+        del target.forward
+    alone = speculative_decode(target, HFDrafter(other), prompts[0], SamplingParams(24), SpeculativeParams(gamma=3))
+    assert rejections > 0 and tokens == alone.token_ids
+    assert masks and all(m is None for m in masks)
 
 
 class HiddenSpy(NextTokenAdapter):
