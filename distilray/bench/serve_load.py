@@ -444,6 +444,15 @@ def run(cfg: BenchServeConfig) -> dict:
                 single = {
                     "in_process_tokens_per_s": in_process_tokens_per_s(paths, prompts[: cfg.requests_per_client], cfg)
                 }
+        cdlm = {}
+        if cfg.cdlm_tts_prompts:  # CD-LM's time saving served against in process, same datastore
+            from distilray.bench.serve_cdlm import cdlm_tts
+
+            print("[bench serve] CD-LM TTS, served and in process ...", flush=True)
+            threshold = QuickstartConfig(artifacts_dir=cfg.artifacts_dir).cdlm_similarity_threshold
+            cdlm = cdlm_tts(
+                f"{base}/bench-cdlm", paths, prompts[: cfg.cdlm_tts_prompts], cfg.max_tokens, cfg.quantize, threshold
+            )
         fault = fault_under_load(base, paths, prompts, want, cfg) if cfg.fault else {}
     finally:
         teardown()
@@ -461,6 +470,7 @@ def run(cfg: BenchServeConfig) -> dict:
         "max_tokens": cfg.max_tokens,
         "levels": {n: {str(c): v for c, v in rows.items()} for n, rows in levels.items()},
         "single_client": single,
+        "cdlm_tts": cdlm,
         "fault": fault,
         "drafter_transport": transport,
         "seconds": round(time.perf_counter() - started, 1),
@@ -490,6 +500,14 @@ def goals(out: dict, cfg: BenchServeConfig) -> dict[str, dict]:
         r["requests"] - r["errors"] - r["identical_to_solo"] for rows_ in out["levels"].values() for r in rows_.values()
     )
     rows["greedy_answers_not_identical_to_solo"] = {"value": wrong, "goal": "0", "met": wrong == 0}
+    cdlm = out.get("cdlm_tts")
+    if cdlm:
+        ratio = cdlm["ratio_vs_in_process"]
+        rows["cdlm_tts_serve_vs_in_process"] = {
+            "value": ratio if ratio is not None else f"undefined: in-process TTS {cdlm['in_process']['tts']:.3f} <= 0",
+            "goal": ">= 0.9",
+            "met": ratio is not None and ratio >= 0.9,
+        }
     fault = out["fault"]
     if fault:
         clean = fault["hung"] == 0 and fault["failed"] == fault["failed_with_5xx_json"]
@@ -518,6 +536,17 @@ def format_table(out: dict) -> str:
             )
     if out["single_client"]:
         lines.append(f"in process, one request at a time: {out['single_client']['in_process_tokens_per_s']:.0f} tok/s")
+    if out.get("cdlm_tts"):
+        c = out["cdlm_tts"]
+        lines.append(
+            f"CD-LM paper vs baseline, one client, {c['prompts']} prompts, threshold {c['similarity_threshold']}: "
+            + "; ".join(
+                f"{side} TTS {c[side]['tts']:.3f} (FPS {c[side]['paper_fps']:.3f}, "
+                f"{1e3 * c[side]['baseline_seconds_per_token']:.2f} / {1e3 * c[side]['paper_seconds_per_token']:.2f} "
+                f"ms a token)"
+                for side in ("in_process", "serve")
+            )
+        )
     if out["fault"]:
         lines.append(f"fault under load: {out['fault']}")
     if out.get("drafter_transport"):

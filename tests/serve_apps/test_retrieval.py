@@ -173,6 +173,24 @@ def test_paper_mode_threshold_minus_one_uses_chunks(client):
     assert again["choices"] == out["choices"]
 
 
+def test_tts_served_and_in_process_measure_the_same_decoding(server, artifacts):
+    """bench serve's CD-LM comparison: the endpoint and the in-process loop use the same chunks (same
+    FPS), and each TTS is 1 - paper / baseline seconds per token on its own side."""
+    from distilray.bench.serve_cdlm import cdlm_tts
+
+    paths = {"target": artifacts["model"], "datastore": artifacts["store"]}
+    out = cdlm_tts(server, paths, [PROMPT, PROMPT], 16, "none", 0.5, served_model_name="cdlm-tiny")
+    local, served = out["in_process"], out["serve"]
+    assert local["paper_fps"] > 0  # the datastore holds this prompt's own continuation
+    assert served["paper_fps"] == pytest.approx(local["paper_fps"])
+    for side in (local, served):
+        assert side["tts"] == pytest.approx(1 - side["paper_seconds_per_token"] / side["baseline_seconds_per_token"])
+    if local["tts"] > 0:
+        assert out["ratio_vs_in_process"] == pytest.approx(served["tts"] / local["tts"])
+    else:
+        assert out["ratio_vs_in_process"] is None
+
+
 def test_sampling_is_seeded(client):
     a = client.ok(prompt=PROMPT, max_tokens=10, mode="verify", temperature=1.0, seed=5)
     b = client.ok(prompt=PROMPT, max_tokens=10, mode="verify", temperature=1.0, seed=5)
