@@ -8,7 +8,7 @@ Two deployments:
   that yields each denoising step as the sampler takes it.
 - `CompletionsIngress` (FastAPI) serves `POST /v1/completions` in the OpenAI completions shape plus a
   `distilray` block (num_steps, nfe, seconds, tokens_per_s, prompt_tokens, token_ids), `GET /healthz`
-  and `GET /v1/models`. Requests are validated into `DiffusionRequest` (serve_apps/schemas.py): bad
+  and `GET /v1/models`. Requests are validated into `DiffusionRequest` (serve_apps/diffusion_schemas.py): bad
   ones, and unknown fields, get HTTP 400 with the OpenAI error body naming the field.
 
 What a request means for a diffusion LM:
@@ -61,7 +61,7 @@ from ray.serve.handle import DeploymentHandle
 from distilray.errors import DistilrayError
 from distilray.losses.mdlm import SAMPLER_EPS
 from distilray.serve_apps import openai_api
-from distilray.serve_apps.schemas import (
+from distilray.serve_apps.diffusion_schemas import (
     MASK_PLACEHOLDER,
     DiffusionAppArgs,
     DiffusionCompletion,
@@ -71,8 +71,8 @@ from distilray.serve_apps.schemas import (
     DiffusionStart,
     DiffusionStats,
     DiffusionStep,
-    model_id_of,
 )
+from distilray.serve_apps.schemas import model_id_of
 
 ENV_MODEL = "DISTILRAY_DIFFUSION_MODEL"
 StreamItem = DiffusionStart | DiffusionFailure | DiffusionStep | DiffusionCompletion

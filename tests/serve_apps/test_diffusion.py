@@ -13,7 +13,7 @@ import torch
 from distilray.decoding.mdlm import MAX_STEPS, sample
 from distilray.errors import DistilrayError
 from distilray.serve_apps.diffusion import app, build_app, check_model, parse_args
-from distilray.serve_apps.schemas import MASK_PLACEHOLDER, DiffusionAppArgs, DiffusionRequest
+from distilray.serve_apps.diffusion_schemas import MASK_PLACEHOLDER, DiffusionAppArgs, DiffusionRequest
 
 pytestmark = pytest.mark.ray
 
