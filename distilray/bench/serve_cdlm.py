@@ -5,9 +5,9 @@ per token in `baseline` mode), measured twice with the same model and the same d
 
 - in process: `retrieval_generate` with the datastore loaded here (`LocalDatastore`, no RPC), torch on
   one thread as in the replica;
-- served: one client, one request at a time, `mode` baseline then paper, through the CD-LM app of
-  `bench serve` (tokenising, ingress -> target hop, the batched decoder, one `BatchLookup` call a step
-  to the router deployment and its shard actors).
+- served: one client, one request at a time, `mode` baseline then paper, through each CD-LM app given
+  (tokenising, ingress -> target hop, the batched decoder, and one `BatchLookup` call a step: to the
+  router deployment and its shard actors, or into the datastore held by the target replica).
 
 Per prompt the four runs alternate their order, so drift falls on every side alike. Goal (issue
 "Serving at load"): served TTS >= 0.9x the in-process TTS; a ratio means something only while the
@@ -16,6 +16,7 @@ in-process TTS is positive, and the report says so when it is not.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ MODES = ("baseline", "paper")
 
 
 def cdlm_tts(
-    url: str,
+    urls: dict[str, str],
     paths: dict[str, str],
     prompts: list[str],
     max_tokens: int,
@@ -34,8 +35,9 @@ def cdlm_tts(
     similarity_threshold: float,
     served_model_name: str = "bench",
 ) -> dict[str, Any]:
-    """{in_process, serve}: per mode seconds per token, TTS and the paper mode's FPS, and the served /
-    in-process TTS ratio (None while the in-process TTS is not positive). `url`: the CD-LM app's base URL."""
+    """{in_process, <served app>...}: per mode seconds per token, TTS and the paper mode's FPS; and per
+    served app its TTS / the in-process TTS (`ratio_vs_in_process`, None while the in-process TTS is not
+    positive). `urls`: a name for each CD-LM app (its datastore placement, say) -> its base URL."""
     import torch
 
     from distilray.cdlm.local import LocalDatastore
@@ -48,7 +50,7 @@ def cdlm_tts(
     model = apply_quantization(load_causal_lm(paths["target"], "cpu", torch.float32), quantize)
     store = LocalDatastore(paths["datastore"], vocab_fingerprint(tokenizer))
     sides: dict[str, dict[str, dict[str, float]]] = {
-        side: {m: {"seconds": 0.0, "tokens": 0, "records": []} for m in MODES} for side in ("in_process", "serve")
+        side: {m: {"seconds": 0.0, "tokens": 0, "records": []} for m in MODES} for side in ("in_process", *urls)
     }
     session = requests.Session()
 
@@ -63,18 +65,18 @@ def cdlm_tts(
         side["tokens"] += len(rec.token_ids)
         side["records"].append(rec)
 
-    def served(prompt: str, mode: str) -> None:
+    def served(name: str, prompt: str, mode: str) -> None:
         body = {
             "model": served_model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "mode": mode,
             "similarity_threshold": similarity_threshold,
         }  # fmt: skip
         start = time.perf_counter()
-        r = session.post(f"{url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+        r = session.post(f"{urls[name]}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
         seconds = time.perf_counter() - start
         if r.status_code != 200:
-            raise RuntimeError(f"the CD-LM app answered {r.status_code}: {r.text[:300]}")
+            raise RuntimeError(f"the CD-LM app {name} answered {r.status_code}: {r.text[:300]}")
         data = r.json()
-        side = sides["serve"][mode]
+        side = sides[name][mode]
         side["seconds"] += seconds
         side["tokens"] += data["usage"]["completion_tokens"]
         side["records"].append((data["distilray"]["forward_passes"], data["usage"]["completion_tokens"]))
@@ -82,13 +84,12 @@ def cdlm_tts(
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as the target replica
     try:
-        for mode in MODES:  # warm-up: kernels, the store's index, the replicas' first request
-            local(prompts[0], mode)
-            served(prompts[0], mode)
+        runs = [(local, m) for m in MODES] + [(functools.partial(served, n), m) for n in urls for m in MODES]
+        for f, mode in runs:  # warm-up: kernels, the store's index, the replicas' first request
+            f(prompts[0], mode)
         for side in sides.values():
             for m in MODES:
                 side[m].update(seconds=0.0, tokens=0, records=[])
-        runs = [(f, m) for f in (local, served) for m in MODES]
         for i, prompt in enumerate(prompts):
             for f, mode in runs if i % 2 == 0 else runs[::-1]:
                 f(prompt, mode)
@@ -109,7 +110,8 @@ def cdlm_tts(
             "paper_fps": fps(paper) if name == "in_process" else _served_fps(paper),
         }
     tts_local = out["in_process"]["tts"]
-    out["ratio_vs_in_process"] = out["serve"]["tts"] / tts_local if tts_local > 0 else None
+    for name in urls:
+        out[name]["ratio_vs_in_process"] = out[name]["tts"] / tts_local if tts_local > 0 else None
     return out
 
 

@@ -5,8 +5,10 @@ Three deployments:
 - `DatastoreRouterDeployment` owns a `DatastoreRouter` (one shard actor per datastore file) and
   answers `query(entries (b,), queries (b, d))` and `stats()`.
 - `TargetDeployment` holds the generation model and its tokenizer, checks at start that the datastore
-  was built with the same tokenizer, and runs `retrieval_generate`; each decoding step's lookup is a
-  synchronous call to the router deployment (`handle.query.remote(...).result()`).
+  was built with the same tokenizer, and decodes every request in flight together; each step's lookups
+  are one call to the router deployment (`handle.query.remote(...).result()`), or, with
+  `datastore_placement=target`, a call into the datastore loaded in the replica itself (no router, no
+  shard actors, no RPC per step: for a datastore that fits beside the model).
 - `CompletionsIngress` (FastAPI) serves `POST /v1/completions` in the OpenAI completions shape plus a
   `distilray` block of decoding statistics, `GET /healthz`, `GET /v1/models` and
   `GET /v1/datastore/stats`. Requests are validated into `RetrievalRequest` (serve_apps/schemas.py); bad
@@ -42,7 +44,7 @@ from ray.serve.handle import DeploymentHandle
 
 from distilray.actors.datastore import DatastoreRouter
 from distilray.cdlm.datastore_files import read_manifest
-from distilray.cdlm.local import QueryResult, merge_shard_answers
+from distilray.cdlm.local import LocalDatastore, QueryResult, merge_shard_answers
 from distilray.errors import DistilrayError
 from distilray.serve_apps import openai_api
 from distilray.serve_apps.batching import BatchLoop, decode_text
@@ -148,7 +150,7 @@ class TargetDeployment:
         self,
         model: str,
         datastore: str,
-        router: DeploymentHandle,
+        router: DeploymentHandle | None,
         num_threads: int = 1,
         quantize: str = "none",
         max_batch_size: int = 8,
@@ -172,14 +174,25 @@ class TargetDeployment:
         width = model_vocab_size(self._model)
         self._limit = len(self._tokenizer) if len(self._tokenizer) < width else None
         self._router = router
+        # no router: the datastore lives in this replica (datastore_placement=target)
+        self._store = LocalDatastore(datastore, self._fingerprint) if router is None else None
         self._replica = serve.get_replica_context().replica_id.unique_id
         decoder = BatchRetrievalDecoder(self._model, self._lookup, max_batch_size, overlap=overlap_lookups)
         self._decoder, self._batch = decoder, BatchLoop(decoder, batch_wait_ms / 1000)
 
     def _lookup(self, entries: np.ndarray, queries: np.ndarray) -> list:
         """One step's lookups for every row that needs one: one call to the router, one scatter/gather to
-        the shards (the batch thread blocks on it; with overlap_lookups it runs beside the target pass)."""
+        the shards (the batch thread blocks on it; with overlap_lookups it runs beside the target pass);
+        or the datastore in this replica, without an RPC."""
+        if self._store is not None:
+            return self._store.query_batch(entries, queries)
         return self._router.query.remote(entries, queries).result(timeout_s=LOOKUP_TIMEOUT_S)
+
+    async def datastore_stats(self) -> dict[str, Any]:
+        """What /v1/datastore/stats shows when the datastore lives in the target replicas."""
+        manifest = self._store.manifest if self._store is not None else {}
+        keep = ("num_shards", "num_keys", "num_chunks", "mean_chunk_length", "hidden_dim", "tokenizer_fingerprint")
+        return {"placement": "target", "replica": self._replica, "manifest": {k: manifest.get(k) for k in keep}}
 
     async def info(self) -> dict[str, Any]:
         calls = self._decoder.lookup_calls
@@ -273,7 +286,7 @@ api = openai_api.make_api(
 class CompletionsIngress:
     """HTTP front: validates requests, calls the target, shapes OpenAI-style responses (streamed or not)."""
 
-    def __init__(self, target: DeploymentHandle, router: DeploymentHandle, args: dict[str, Any]) -> None:
+    def __init__(self, target: DeploymentHandle, router: DeploymentHandle | None, args: dict[str, Any]) -> None:
         self._target = target
         self._streaming = target.options(stream=True)
         self._router = router
@@ -312,16 +325,20 @@ class CompletionsIngress:
 
     @api.get("/v1/datastore/stats")
     async def datastore_stats(self) -> Any:
-        return await openai_api.or_unavailable(self._router.stats.remote, "datastore unavailable")
+        stats = self._router.stats.remote if self._router is not None else self._target.datastore_stats.remote
+        return await openai_api.or_unavailable(stats, "datastore unavailable")
 
 
 def build_app(args: dict) -> serve.Application:
-    """Serve application builder: checks the tokenizer match up front, then binds the three deployments."""
+    """Serve application builder: checks the tokenizer match up front, then binds the deployments (the
+    router, and through it the shard actors, only with datastore_placement=shards)."""
     from distilray.tokenizer import load_tokenizer
 
     parsed = parse_args(args)
     fingerprint = check_datastore_tokenizer(parsed.datastore, load_tokenizer(parsed.model))
-    router = DatastoreRouterDeployment.bind(parsed.datastore, fingerprint)
+    router = None
+    if parsed.datastore_placement == "shards":
+        router = DatastoreRouterDeployment.bind(parsed.datastore, fingerprint)
     target = TargetDeployment.options(
         ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus}
     ).bind(

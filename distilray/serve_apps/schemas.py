@@ -92,6 +92,12 @@ class RetrievalAppArgs(ReplicaResources):
         description="run each step's datastore lookup beside the target pass (assuming no hit; a hit discards "
         "that row's pass): pays when a lookup costs about a pass and hits are rare",
     )
+    datastore_placement: Literal["shards", "target"] = Field(
+        "shards",
+        description="shards: one actor per shard file behind a router deployment (a datastore larger than one "
+        "replica's memory, shards on `datastore` nodes); target: the whole datastore loaded into each target "
+        "replica, no RPC per step (a datastore that fits beside the model; the fast choice on CPUs)",
+    )
 
     @property
     def served(self) -> str:

@@ -179,16 +179,43 @@ def test_tts_served_and_in_process_measure_the_same_decoding(server, artifacts):
     from distilray.bench.serve_cdlm import cdlm_tts
 
     paths = {"target": artifacts["model"], "datastore": artifacts["store"]}
-    out = cdlm_tts(server, paths, [PROMPT, PROMPT], 16, "none", 0.5, served_model_name="cdlm-tiny")
-    local, served = out["in_process"], out["serve"]
+    out = cdlm_tts({"shards": server}, paths, [PROMPT, PROMPT], 16, "none", 0.5, served_model_name="cdlm-tiny")
+    local, served = out["in_process"], out["shards"]
     assert local["paper_fps"] > 0  # the datastore holds this prompt's own continuation
     assert served["paper_fps"] == pytest.approx(local["paper_fps"])
     for side in (local, served):
         assert side["tts"] == pytest.approx(1 - side["paper_seconds_per_token"] / side["baseline_seconds_per_token"])
     if local["tts"] > 0:
-        assert out["ratio_vs_in_process"] == pytest.approx(served["tts"] / local["tts"])
+        assert served["ratio_vs_in_process"] == pytest.approx(served["tts"] / local["tts"])
     else:
-        assert out["ratio_vs_in_process"] is None
+        assert served["ratio_vs_in_process"] is None
+
+
+def test_datastore_in_the_target_replica_answers_as_the_shards_do(serve_loopback, artifacts, server, client):
+    """datastore_placement=target: no router, no shard actors; the same chunks, the same greedy text."""
+    from ray import serve
+
+    from tests.serve_apps.conftest import CompletionsClient
+
+    app = build_app(
+        {
+            "model": artifacts["model"],
+            "datastore": artifacts["store"],
+            "served_model_name": "cdlm-tiny",
+            "num_cpus": 0,
+            "datastore_placement": "target",
+        }
+    )
+    request = {"prompt": PROMPT, "max_tokens": 16, "mode": "paper", "similarity_threshold": 0.5, "temperature": 0}
+    with serve_loopback(app, APP_NAME + "-in-target", "/cdlm-in-target") as base:
+        local = CompletionsClient(base).ok(**request)
+        stats = requests.get(f"{base}/v1/datastore/stats", timeout=60).json()
+        deployments = set(serve.status().applications[APP_NAME + "-in-target"].deployments)
+    assert "DatastoreRouterDeployment" not in deployments and "TargetDeployment" in deployments
+    sharded = client.ok(**request)
+    assert local["choices"][0]["text"] == sharded["choices"][0]["text"]
+    assert local["distilray"]["chunks_used"] == sharded["distilray"]["chunks_used"] > 0
+    assert stats["placement"] == "target" and stats["manifest"]["num_keys"] == artifacts["num_keys"]
 
 
 def test_sampling_is_seeded(client):
