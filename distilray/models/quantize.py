@@ -115,6 +115,9 @@ def rowwise_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     activations can turn such a difference into a different logit; so the int8 model attends row by
     row, row i over keys [0, L - q + i], one-token steps included. A pass then gives every token the
     output a one-token step gives it, whatever the batch, at the price of q calls per layer instead of one.
+    With a mask that is more than causal (batched decoding: padding, holes of rejected drafts), each
+    sequence's queries attend over its own keys gathered (`_attend_allowed_keys`): B * q calls a layer,
+    measured at 1.1-1.2x the speculative step of 8 rows on the 21M preset, for bit-exact rows.
     """
     if not getattr(module, "is_causal", True) or kwargs.get("position_bias") is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -127,6 +130,8 @@ def rowwise_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
         if bool((allowed == causal).all()):
             attention_mask = None
     gqa = {"enable_gqa": True} if query.shape[1] != key.shape[1] else {}
+    if attention_mask is not None:  # batched decoding: padding and holes between a row's keys
+        return _attend_allowed_keys(query, key, value, allowed, dropout, scaling, gqa), None
     rows = []
     for i in range(q_len):
         end = kv_len - q_len + i + 1
@@ -142,6 +147,34 @@ def rowwise_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
             )
         )  # (B, H, 1, d)
     return torch.cat(rows, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _attend_allowed_keys(query, key, value, allowed, dropout, scaling, gqa) -> torch.Tensor:
+    """Each (row, query) over exactly the keys its mask allows, gathered first: the very call a lone
+    sequence's one-token step makes (the same keys, in the same order, no mask), so batched decoding
+    with padding and holes gives every token the output it gets alone (int8 rounds any difference in the
+    last bits of an activation into a whole quantisation step). -> (B, q, H, d).
+
+    The mask is causal & padding (what transformers builds from a 2D mask), so a query's allowed keys
+    are a prefix of its row's real keys: one gather per row, then a prefix per query."""
+    batch, heads, q_len, _ = query.shape
+    allowed = allowed.expand(batch, 1, q_len, key.shape[2])[:, 0]  # (B, q, L)
+    out = query.new_zeros(batch, heads, q_len, value.shape[-1])
+    for b in range(batch):
+        real = allowed[b].any(0).nonzero().squeeze(1)  # the row's keys, in order
+        keys, values = key[b : b + 1].index_select(2, real), value[b : b + 1].index_select(2, real)
+        for i, n in enumerate(allowed[b].sum(1).tolist()):
+            if n == 0:  # no key at all: a padding slot nobody reads
+                continue
+            out[b, :, i] = torch.nn.functional.scaled_dot_product_attention(
+                query[b : b + 1, :, i : i + 1],
+                keys[:, :, :n],
+                values[:, :, :n],
+                dropout_p=dropout,
+                scale=scaling,
+                **gqa,
+            )[0, :, 0]
+    return out.transpose(1, 2).contiguous()
 
 
 def _register_rowwise_attention() -> None:

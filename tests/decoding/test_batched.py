@@ -189,6 +189,42 @@ def test_batched_logits_match_unbatched(setup):
     assert compactions > 0
 
 
+def test_int8_batched_logits_equal_a_lone_pass_bit_for_bit(setup):
+    """int8 rounds activations, so a last-bit difference of batched attention could become a whole
+    quantisation step and flip a greedy token; with padding and holes in the batch, every row's logits
+    are still exactly those of its sequence alone."""
+    from distilray.models.quantize import quantize_int8
+
+    tok, target, other, ngram, prompts = setup
+    int8 = quantize_int8(copy.deepcopy(target))
+    dec = BatchDecoder(int8)
+    seen, forward, passes = [], dec._forward, 0
+
+    def spy(drafts):
+        before = [list(r.pending) for r in dec._rows]
+        logits, hidden = forward(drafts)
+        seen.extend((r, p, list(d.tokens), lg) for r, p, d, lg in zip(dec._rows, before, drafts, logits))
+        return logits, hidden
+
+    dec._forward = spy
+    drafters = [None, HFDrafter(other), ngram, HFDrafter(other)]
+    for i, p in enumerate(prompts[:4]):
+        dec.add(str(i), p, SamplingParams(12 + 4 * i), drafters[i], SpeculativeParams(gamma=3))
+    sequences: dict[int, list[int]] = {}
+    while dec.active:
+        seen.clear()
+        for row in dec._rows + dec._waiting:
+            sequences[id(row)] = row.record.token_ids.copy()
+        dec.step()
+        for row, _, drafts, lg in seen:
+            seq = prompts[int(row.request_id)] + sequences[id(row)] + drafts
+            with torch.inference_mode():
+                alone = int8(torch.tensor([seq])).logits[0, -(len(drafts) + 1) :]
+            assert torch.equal(lg, alone), (float((lg - alone).abs().max()), row.request_id)
+            passes += 1
+    assert passes > 8
+
+
 def test_a_lone_row_keeps_a_cache_without_holes(setup):
     """Rejected drafts at the end of every row are cut off, as a lone decoder crops them: one row's cache
     holds exactly its sequence, and the pass runs without a mask, as decoding alone does."""
