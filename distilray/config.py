@@ -282,6 +282,8 @@ class CDLMGenerateConfig(Config):
     temperature: float = 0.0
     save_dir: str = "artifacts/cdlm_generations"
     quantize: Literal["none", "int8"] = "none"  # int8: the model quantised for the CPU (models/quantize.py)
+    # shards: the sharded datastore actors (one Ray round trip a lookup); local: loaded in this process
+    datastore_placement: Literal["shards", "local"] = "shards"
     seed: int = 0
 
 

@@ -1,4 +1,5 @@
-"""`distilray cdlm-generate`: CD-LM decoding against the sharded datastore actors, one JSON per prompt."""
+"""`distilray cdlm-generate`: CD-LM decoding against the sharded datastore actors (or, with
+datastore_placement=local, the datastore loaded in this process), one JSON per prompt."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from distilray import corpus
 from distilray.actors.cluster import ensure_ray
 from distilray.actors.datastore import DatastoreRouter
+from distilray.cdlm.local import LocalDatastore
 from distilray.config import CDLMGenerateConfig
 from distilray.decoding.retrieval import chunk_hit_rate, fps, mean_chunk_length, retrieval_generate
 from distilray.errors import DistilrayError
@@ -48,8 +50,12 @@ def run(cfg: CDLMGenerateConfig) -> dict:
     model = load_causal_lm(cfg.model) if cfg.quantize == "none" else load_causal_lm(cfg.model, "cpu", torch.float32)
     model = apply_quantization(model, cfg.quantize)
     prompts = load_prompts(cfg, tokenizer)
-    ensure_ray()
-    router = None if mode == "baseline" else DatastoreRouter.open(cfg.datastore, vocab_fingerprint(tokenizer))
+    router = store = None
+    if mode != "baseline" and cfg.datastore_placement == "local":
+        store = LocalDatastore(cfg.datastore, vocab_fingerprint(tokenizer))
+    elif mode != "baseline":
+        ensure_ray()
+        router = DatastoreRouter.open(cfg.datastore, vocab_fingerprint(tokenizer))
     save = Path(cfg.save_dir)
     records = []
     try:
@@ -58,7 +64,7 @@ def run(cfg: CDLMGenerateConfig) -> dict:
                 model,
                 prompt,
                 cfg.max_new_tokens,
-                router,
+                router or store,
                 mode=mode,
                 similarity_threshold=cfg.similarity_threshold,
                 temperature=cfg.temperature,
@@ -75,6 +81,7 @@ def run(cfg: CDLMGenerateConfig) -> dict:
         "save_dir": str(save.resolve()),
         "mode": mode,
         "quantize": cfg.quantize,
+        "datastore_placement": cfg.datastore_placement,
         "prompts": len(records),
         "generated_tokens": tokens,
         "forward_passes": sum(r.forward_passes for r in records),

@@ -1,13 +1,14 @@
 """The main job and the training benchmark, end to end at toy size on the session's Ray."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from distilray.bench import train as bench_train
-from distilray.config import BenchTrainConfig, QuickstartConfig, load_config
-from distilray.pipelines import quickstart
+from distilray.config import BenchTrainConfig, CDLMGenerateConfig, QuickstartConfig, load_config
+from distilray.pipelines import cdlm_generate, quickstart
 
 pytestmark = pytest.mark.ray
 
@@ -64,7 +65,23 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
         assert Path(path).exists(), path
     assert set(summary["samples"]) == {"target", "drafter"}
     cdlm = {figure: value for stage, figure, value in summary["rows"] if stage == "CD-LM"}
-    assert cdlm["verify: FPS / same as baseline"].endswith("/ True")  # lossless mode, even on a toy model
+    assert cdlm["verify, datastore actors: FPS / same"].endswith("/ True")  # lossless mode, even on a toy model
+    # the paper rows' datastore in process answers as the actors do: the same greedy text either way
+    gen = CDLMGenerateConfig(
+        model=str(tmp_path / "quickstart" / "cdlm" / "model"),
+        datastore=str(tmp_path / "quickstart" / "cdlm" / "datastore"),
+        num_prompts=2,
+        max_new_tokens=8,
+        similarity_threshold=0.0,
+    )
+    outs = {
+        where: cdlm_generate.run(replace(gen, datastore_placement=where, save_dir=str(tmp_path / f"gen-{where}")))
+        for where in ("local", "shards")
+    }
+    assert outs["local"]["chunk_hit_rate"] > 0 and outs["local"]["fps"] == outs["shards"]["fps"]
+    for i in range(2):
+        texts = [json.loads((tmp_path / f"gen-{w}" / f"prompt_{i}.json").read_text())["token_ids"] for w in outs]
+        assert texts[0] == texts[1]
     assert (tmp_path / "quickstart" / "cdlm" / "datastore" / "datastore.json").is_file()
     assert json.loads((tmp_path / "quickstart" / "results.json").read_text())["rows"]
     spec = {figure: value for stage, figure, value in summary["rows"] if stage == "speculative"}
