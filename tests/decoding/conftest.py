@@ -3,7 +3,6 @@ peaky, so greedy ties (and float32 rounding between decoders) cannot hide a bug.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import pytest
@@ -53,33 +52,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _chi2_fits(samples: list[int], probs: torch.Tensor, p_value: float = 1e-3) -> bool:
-    """Whether token samples fit the distribution probs (V,) by a chi-square test at `p_value`.
-
-    Tokens expected fewer than 5 times are pooled into one bin (the chi-square approximation needs about
-    5 per bin); a token of probability 0 must never appear. The critical value is Wilson-Hilferty's
-    approximation, within 3% of the exact one from 2 degrees of freedom on.
-    """
-    counts = torch.bincount(torch.tensor(samples), minlength=len(probs)).double()
-    if counts[probs == 0].sum() > 0:
-        return False
-    expected = len(samples) * probs.double()
-    big = expected >= 5
-    observed, wanted = counts[big], expected[big]
-    if expected[~big].sum() > 0:
-        observed = torch.cat([observed, counts[~big].sum().view(1)])
-        wanted = torch.cat([wanted, expected[~big].sum().view(1)])
-    dof = len(wanted) - 1
-    if dof < 1:
-        return True  # one bin holds everything: nothing to test
-    z = {1e-3: 3.0902, 1e-4: 3.7190}[p_value]  # standard normal quantiles 1 - p_value
-    critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
-    return float(((observed - wanted) ** 2 / wanted).sum()) < critical
-
-
-@pytest.fixture(scope="session")
-def chi2_fits() -> Callable[..., bool]:
-    """chi2_fits(samples, probs, p_value=1e-3): token samples fit probs (V,) by a chi-square test."""
-    return _chi2_fits

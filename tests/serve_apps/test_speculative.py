@@ -57,6 +57,7 @@ def artifacts(small_tokenizer, tmp_path_factory):
         "ngram3": root / "ngram3",
         "transformer": root / "transformer",
         "foreign": root / "foreign",
+        "near": root / "near",
     }
     target.save_pretrained(paths["target"])
     tok.save_pretrained(paths["target"])
@@ -64,6 +65,12 @@ def artifacts(small_tokenizer, tmp_path_factory):
     texts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:30]]
     NGramDrafter(3, len(tok)).fit(encode_documents(tok, texts)).save(paths["ngram3"])
     NGramDrafter(2, len(tok) + 7).fit([[1, 2, 3]]).save(paths["foreign"])
+    # near the target after PROMPTS[1]: fitted on the target's own samples there, so that drafts are often
+    # accepted, often not, and a rejection's residual differs from the target's distribution
+    near_ids = tok(PROMPTS[1])["input_ids"]
+    samples = [plain_generate(target, near_ids, 2, temperature=1.5, seed=s).token_ids for s in range(300)]
+    # (each sample counted 20 times, so that add-one smoothing over the vocabulary leaves q near p)
+    NGramDrafter(3, len(tok)).fit([near_ids + s for s in samples] * 20).save(paths["near"])
     eos = tok.eos_token_id
     want = {
         p: tok.decode(
@@ -78,7 +85,12 @@ def artifacts(small_tokenizer, tmp_path_factory):
 def server(serve_loopback, artifacts):
     """The app under route /speculative on a free loopback port; deleted (and Serve stopped if we
     started it) after. Shares a running Serve instance with the other Serve tests."""
-    drafters = {"ngram3": artifacts["ngram3"], "transformer": artifacts["transformer"], "lookup": "prompt-lookup"}
+    drafters = {
+        "ngram3": artifacts["ngram3"],
+        "transformer": artifacts["transformer"],
+        "near": artifacts["near"],
+        "lookup": "prompt-lookup",
+    }
     app = build_app(
         {
             "target": artifacts["target"],
@@ -154,6 +166,56 @@ def test_sampling_adaptive_gamma_and_stop(artifacts, client):
     out = client.ok(prompt=PROMPTS[0], max_tokens=GEN, stop=["@@never@@", cut])
     assert out["choices"][0]["text"] == want[: want.find(cut)] and out["choices"][0]["finish_reason"] == "stop"
     assert 0 < out["usage"]["completion_tokens"] < GEN
+
+
+def test_sampled_text_follows_the_warped_target_over_the_wire(artifacts, client, chi2_fits):
+    """Speculative sampling through the endpoint, rows batched together, an n-gram drafter near the target
+    in its own replica (q rows over the socket): two-token answers follow the warped target's
+    distribution (temperature 1.5, top-p 0.9): a chi-square test of their first tokens, read from the texts.
+    (Sampling a correction from p instead of the residual fails it.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distilray.decoding.sampling import warp
+
+    tok, model, prompt, runs = artifacts["tok"], artifacts["model"], PROMPTS[1], 320
+    ids = tok(prompt)["input_ids"]
+
+    def warped_next(seq: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return warp(model(torch.tensor([seq])).logits[0, -1], 1.5, 0.9).double()
+
+    # the exact distribution of the answer's first token, read from the text: a text that two first
+    # tokens could start (one token's text a prefix of another's) joins their bins
+    first = warped_next(ids)
+    bin_of_text: dict[str, int] = {}
+    bins = {a: a for a in first.nonzero().flatten().tolist()}  # union-find over first tokens
+
+    def root(a: int) -> int:
+        while bins[a] != a:
+            a = bins[a]
+        return a
+
+    for a in list(bins):
+        seconds = [] if a == tok.eos_token_id else warped_next([*ids, a]).nonzero().flatten().tolist()
+        for b in seconds or [None]:  # an answer that ends at its first token has one
+            text = tok.decode([a] if b is None else [a, b], skip_special_tokens=True)
+            if text in bin_of_text:
+                bins[root(a)] = root(bin_of_text[text])
+            bin_of_text[text] = a
+    groups = sorted({root(a) for a in bins})
+    probs = torch.zeros(len(groups) + 1, dtype=torch.float64)  # the last bin: an impossible text
+    for a in bins:
+        probs[groups.index(root(a))] += first[a]
+    body = dict(prompt=prompt, max_tokens=2, temperature=1.5, top_p=0.9, drafter="near", gamma=3)
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda seed: client.ok(**body, seed=seed), range(runs)))
+    assert sum(o["distilray"]["drafted"] for o in outs) >= runs  # every answer's first step drafted
+    rejections = sum(o["distilray"]["rejections"] for o in outs)
+    assert runs // 10 < rejections < runs - runs // 10  # drafts accepted and corrections sampled, both often
+    texts = [o["choices"][0]["text"] for o in outs]
+    samples = [groups.index(root(bin_of_text[t])) if t in bin_of_text else len(groups) for t in texts]
+    assert (probs > 0.05).sum() >= 3  # several likely first tokens
+    assert chi2_fits(samples, probs)
 
 
 def test_bad_requests_get_4xx_json_and_service_keeps_serving(server, client, assert_error):
