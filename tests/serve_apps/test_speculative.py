@@ -262,7 +262,7 @@ def test_health_models_stats_and_sessions_closed(server, artifacts, client):
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert r.json()["context"] == CONTEXT and r.json()["vocab_size"] == len(artifacts["tok"])
     models = requests.get(f"{server}/v1/models", timeout=30).json()["data"]
-    assert [m["id"] for m in models] == [SERVED, "ngram3", "transformer", "lookup"]
+    assert [m["id"] for m in models] == [SERVED, "ngram3", "transformer", "near", "lookup"]
     # no response shows where the server keeps its files
     bodies = [requests.get(f"{server}/{path}", timeout=30).text for path in ("healthz", "v1/models", "v1/stats")]
     assert not any(str(artifacts["target"]).rsplit("/", 2)[0] in body for body in bodies)
