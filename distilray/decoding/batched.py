@@ -210,10 +210,14 @@ class BatchDecoder:
             events.append(event)
             if event.finished:
                 done.add(i)
+        self._end_step(done)
+        return events
+
+    def _end_step(self, done: set[int]) -> None:
+        """After a pass: finished rows leave, the columns no row uses go, and the holes are compacted."""
         self._drop(done)
         self._trim()
         self._compact()
-        return events
 
     def _settle(
         self, i: int, row: _Row, draft: Draft, logits: torch.Tensor, hidden: torch.Tensor | None, start: int

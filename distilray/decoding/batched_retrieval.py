@@ -228,9 +228,7 @@ class BatchRetrievalDecoder(BatchDecoder):
             events.append(event)
             if event.finished:
                 done.add(i)
-        self._drop(done)
-        self._trim()
-        self._compact()
+        self._end_step(done)
         return events
 
     def _wants_hidden(self) -> bool:

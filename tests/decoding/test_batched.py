@@ -146,22 +146,33 @@ def test_eos_and_rows_joining_and_leaving(setup):
     assert all(t <= 2 * longest for t, longest in lengths)
 
 
+def _passes_against_alone(dec: BatchDecoder, prompts: list[list[int]]):
+    """Step `dec` until its requests finish; per pass and row: (request id, the row's sequence with this
+    pass's drafts, the number of drafts, the logits the batched pass gave the row's last g+1 tokens)."""
+    seen, forward = [], dec._forward
+
+    def spy(drafts):
+        logits, hidden = forward(drafts)
+        seen.extend((row, list(d.tokens), lg) for row, d, lg in zip(dec._rows, drafts, logits))
+        return logits, hidden
+
+    dec._forward = spy
+    sequences: dict[int, list[int]] = {}
+    while dec.active:
+        seen.clear()
+        for row in dec._rows + dec._waiting:
+            sequences[id(row)] = row.record.token_ids.copy()
+        dec.step()
+        for row, drafts, lg in list(seen):
+            seq = prompts[int(row.request_id)] + sequences[id(row)] + drafts
+            yield row.request_id, seq, len(drafts), lg
+
+
 def test_batched_logits_match_unbatched(setup):
     """Padding, holes of rejected drafts and compaction leave every row's logits as a lone forward pass
     over its sequence would give them."""
     tok, target, other, ngram, prompts = setup
     dec = BatchDecoder(target, compact_slack=8)
-    seen = []
-    forward = dec._forward
-
-    def spy(drafts):
-        before = [list(r.pending) for r in dec._rows]
-        logits, hidden = forward(drafts)
-        for row, pending, draft, lg in zip(dec._rows, before, drafts, logits):
-            seen.append((row, pending, list(draft.tokens), lg))
-        return logits, hidden
-
-    dec._forward = spy
     compact = dec._compact
     compactions = 0
 
@@ -173,19 +184,11 @@ def test_batched_logits_match_unbatched(setup):
 
     dec._compact = counted_compact
     dec._trim = lambda: None  # holes at the end too, so that they pile up to compactions within 20 tokens
-    sequences: dict[int, list[int]] = {}
     for i, p in enumerate(prompts[:4]):
         dec.add(str(i), p, SamplingParams(20), HFDrafter(other) if i % 2 else None, SpeculativeParams(gamma=3))
-    while dec.active:
-        seen.clear()
-        for row in dec._rows + dec._waiting:
-            sequences[id(row)] = row.record.token_ids.copy()
-        dec.step()
-        for row, pending, drafts, lg in seen:
-            prompt = prompts[int(row.request_id)]
-            seq = prompt + sequences[id(row)] + drafts
-            ref = target(torch.tensor([seq])).logits[0, -(len(drafts) + 1) :]
-            assert torch.allclose(lg, ref, atol=1e-4, rtol=1e-5), (float((lg - ref).abs().max()), row.request_id)
+    for request_id, seq, g, lg in _passes_against_alone(dec, prompts):
+        ref = target(torch.tensor([seq])).logits[0, -(g + 1) :]
+        assert torch.allclose(lg, ref, atol=1e-4, rtol=1e-5), (float((lg - ref).abs().max()), request_id)
     assert compactions > 0
 
 
@@ -198,30 +201,15 @@ def test_int8_batched_logits_equal_a_lone_pass_bit_for_bit(setup):
     tok, target, other, ngram, prompts = setup
     int8 = quantize_int8(copy.deepcopy(target))
     dec = BatchDecoder(int8)
-    seen, forward, passes = [], dec._forward, 0
-
-    def spy(drafts):
-        before = [list(r.pending) for r in dec._rows]
-        logits, hidden = forward(drafts)
-        seen.extend((r, p, list(d.tokens), lg) for r, p, d, lg in zip(dec._rows, before, drafts, logits))
-        return logits, hidden
-
-    dec._forward = spy
     drafters = [None, HFDrafter(other), ngram, HFDrafter(other)]
     for i, p in enumerate(prompts[:4]):
         dec.add(str(i), p, SamplingParams(12 + 4 * i), drafters[i], SpeculativeParams(gamma=3))
-    sequences: dict[int, list[int]] = {}
-    while dec.active:
-        seen.clear()
-        for row in dec._rows + dec._waiting:
-            sequences[id(row)] = row.record.token_ids.copy()
-        dec.step()
-        for row, _, drafts, lg in seen:
-            seq = prompts[int(row.request_id)] + sequences[id(row)] + drafts
-            with torch.inference_mode():
-                alone = int8(torch.tensor([seq])).logits[0, -(len(drafts) + 1) :]
-            assert torch.equal(lg, alone), (float((lg - alone).abs().max()), row.request_id)
-            passes += 1
+    passes = 0
+    for request_id, seq, g, lg in _passes_against_alone(dec, prompts):
+        with torch.inference_mode():
+            alone = int8(torch.tensor([seq])).logits[0, -(g + 1) :]
+        assert torch.equal(lg, alone), (float((lg - alone).abs().max()), request_id)
+        passes += 1
     assert passes > 8
 
 
