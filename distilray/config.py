@@ -471,6 +471,7 @@ class BenchServeConfig(Config):
     gamma: int = 4
     max_batch_size: int = 8
     quantize: Literal["none", "int8"] = "none"
+    one_client_prompts: int = 8  # one client, served vs in process, alternating (twice each)
     cdlm_tts_prompts: int = 8  # CD-LM paper vs baseline, served and in process, one client (0: skip)
     fault: bool = True  # the fault-under-load run
     fault_seconds: float = 30.0

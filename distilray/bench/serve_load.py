@@ -33,10 +33,12 @@ from typing import Any, Callable
 
 import requests
 
+from distilray.bench.serve_single import one_client_side_by_side
 from distilray.config import BenchServeConfig, BuildDatastoreConfig, ExtractConfig, FitNGramConfig, QuickstartConfig
 from distilray.io_utils import atomic_write_json
 
 DRAFTER = "trigram"
+ONE_CLIENT = ("speculative", "speculative-in-target")  # the configs set side by side with in-process decoding
 REQUEST_TIMEOUT_S = 120.0  # a request that takes longer counts as hanging
 
 
@@ -277,38 +279,6 @@ def _wait_healthy(url: str, timeout_s: float = 300) -> None:
     raise RuntimeError(f"{url} not healthy after {timeout_s:.0f} s")
 
 
-def in_process_tokens_per_s(paths: dict[str, str], prompts: list[str], cfg: BenchServeConfig) -> float:
-    """The same greedy speculative decoding with the same drafter, one request after another, in this
-    process (torch on one thread, as the replica): what a single client can at best get."""
-    import torch
-
-    from distilray.decoding.drafters import load_drafter
-    from distilray.decoding.speculative import speculative_generate
-    from distilray.models.causal_lm import load_causal_lm
-    from distilray.models.quantize import apply_quantization
-    from distilray.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(paths["target"])
-    target = apply_quantization(load_causal_lm(paths["target"], "cpu", torch.float32), cfg.quantize)
-    drafter = load_drafter(paths["ngram"], quantize=cfg.quantize)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        # warm-up, as the served side had: kernels and the drafter's lazy tables
-        speculative_generate(target, drafter, tokenizer(prompts[0])["input_ids"], cfg.max_tokens, gamma=cfg.gamma)
-        tokens, start = 0, time.perf_counter()
-        for prompt in prompts:
-            ids = tokenizer(prompt)["input_ids"]
-            record = speculative_generate(
-                target, drafter, ids, cfg.max_tokens, gamma=cfg.gamma, eos_token_id=tokenizer.eos_token_id
-            )
-            tokenizer.decode(record.token_ids, skip_special_tokens=True)
-            tokens += len(record.token_ids)
-        return tokens / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
-
-
 def solo_answers(paths: dict[str, str], prompts: list[str], cfg: BenchServeConfig) -> dict[str, str]:
     """Each prompt decoded alone, greedily, by the served model (what every greedy answer must equal)."""
     import torch
@@ -431,7 +401,6 @@ def run(cfg: BenchServeConfig) -> dict:
     try:
         for name, (app, fields) in CONFIGS.items():  # warm every path once
             run_level(f"{base}/bench-{app}", prompts[:2], 2, 1, {**body, **fields})
-        single = {}
         for clients in cfg.levels:
             for name, (app, fields) in CONFIGS.items():
                 print(f"[bench serve] {clients:>2} clients, {name} ...", flush=True)
@@ -440,10 +409,9 @@ def run(cfg: BenchServeConfig) -> dict:
                     f"{base}/bench-{app}", prompts, clients, cfg.requests_per_client, {**body, **fields}
                 )
                 levels[name][clients] = summarise(outcomes, time.perf_counter() - t0, want)
-            if clients == 1:  # side by side with the one-client level
-                single = {
-                    "in_process_tokens_per_s": in_process_tokens_per_s(paths, prompts[: cfg.requests_per_client], cfg)
-                }
+        print("[bench serve] one client, served and in process side by side ...", flush=True)
+        served = {name: (f"{base}/bench-{CONFIGS[name][0]}", CONFIGS[name][1]) for name in ONE_CLIENT}
+        single = one_client_side_by_side(served, paths, prompts[: cfg.one_client_prompts], cfg)
         cdlm = {}
         if cfg.cdlm_tts_prompts:  # CD-LM's time saving served against in process, same datastore
             from distilray.bench.serve_cdlm import cdlm_tts
@@ -486,8 +454,8 @@ def goals(out: dict, cfg: BenchServeConfig) -> dict[str, dict]:
     for name, suffix in (("speculative", ""), ("speculative-in-target", ".in_target")):
         levels = out["levels"].get(name, {})
         one, eight = levels.get("1"), levels.get("8")
-        if one and out["single_client"]:
-            ratio = one["tokens_per_s"] / out["single_client"]["in_process_tokens_per_s"]
+        ratio = out["single_client"].get("ratio_vs_in_process", {}).get(name)
+        if ratio is not None:
             rows[f"serve_one_client_vs_in_process{suffix}"] = {"value": ratio, "goal": ">= 0.9", "met": ratio >= 0.9}
         if one and eight:
             tps, p99 = eight["tokens_per_s"] / one["tokens_per_s"], eight["p99_s"] / one["p99_s"]
@@ -534,8 +502,16 @@ def format_table(out: dict) -> str:
                 f"{_s(r['p99_s'])}{_s(r['ttft_p50_s'])}{_s(r['ttft_p99_s'])}{r['errors']:>7}"
                 f"{r['identical_to_solo']:>4}/{r['requests'] - r['errors']:<2}"
             )
-    if out["single_client"]:
-        lines.append(f"in process, one request at a time: {out['single_client']['in_process_tokens_per_s']:.0f} tok/s")
+    if single := out["single_client"]:
+        lines.append(
+            f"one client, side by side ({single['requests_per_side']} requests a side): in process "
+            f"{single['in_process_tokens_per_s']:.0f} tok/s; "
+            + "; ".join(
+                f"{name} {tps:.0f} tok/s ({single['ratio_vs_in_process'][name]:.2f}x)"
+                for name, tps in single["served_tokens_per_s"].items()
+            )
+            + f"; same text {single['same_text']}"
+        )
     if out.get("cdlm_tts"):
         c = out["cdlm_tts"]
         lines.append(

@@ -10,6 +10,7 @@ hangs a request.
 """
 
 import asyncio
+import dataclasses
 import threading
 import time
 import uuid
@@ -135,6 +136,21 @@ class BatchLoop:
                     job.listener(event)
 
 
+def _at_the_end(post: Listener) -> Listener:
+    """A listener that holds a row's tokens on the batch thread and posts one event when the row ends."""
+    held: list[int] = []
+
+    def listener(event: BatchEvent | BaseException) -> None:
+        if isinstance(event, BaseException):
+            post(event)
+        elif event.finished:
+            post(dataclasses.replace(event, new_tokens=held + event.new_tokens) if held else event)
+        else:
+            held.extend(event.new_tokens)
+
+    return listener
+
+
 async def decode_text(
     batch: BatchLoop,
     prompt_ids: list[int],
@@ -142,20 +158,26 @@ async def decode_text(
     options: dict[str, Any],
     text: TextStream,
     on_leave: Callable[[], None] | None = None,
+    each_step: bool = True,
 ) -> AsyncIterator[TextDelta | GenerationFailure | BatchEvent]:
     """One request through the batch, on the replica's event loop: a TextDelta per piece of text that
     became final, then the row's last BatchEvent (its record); or a GenerationFailure and nothing more.
 
     Every event queued by the time the consumer looks is taken as one piece: under load a stream sends
     fewer, larger pieces instead of falling behind one hop per step. A stop string, or a consumer that
-    leaves (client disconnect), takes the row out of the batch at the next step.
+    leaves (client disconnect), takes the row out of the batch at the next step. `each_step=False` (a
+    whole answer, no stop string to watch for) wakes this loop once, at the end: every wake-up takes the
+    interpreter lock from the batch thread in the middle of its steps.
     """
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     request_id = uuid.uuid4().hex
-    job = BatchJob(
-        request_id, prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), options, on_leave
-    )
+
+    def post(event: BatchEvent | BaseException) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    listener = post if each_step else _at_the_end(post)
+    job = BatchJob(request_id, prompt_ids, params, listener, options, on_leave)
     batch.submit(job)
     done = False
     try:

@@ -11,7 +11,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -193,16 +193,17 @@ def final_chunk(head: dict[str, Any], out: Completion, chat: bool, start: float)
     return sse({**head, "choices": [choice], "usage": usage(out), "distilray": stats})
 
 
-async def text_stream(items: Any, model: str, start: float, chat: bool) -> Any:
+async def text_stream(items: AsyncGenerator[Any, None], model: str, start: float, chat: bool) -> Any:
     """Answer a text app's streamed request from its target's items (serve_apps/schemas.py: TextStart,
     then TextDelta per emitted block, then the Completion; a GenerationFailure instead of TextStart is
-    the request's error, sent before any event). A replica lost mid-stream ends the stream with an
-    error event; a client that leaves cancels the generation."""
+    the request's error, sent before any event). A failure mid-stream ends the stream with an error
+    event; a client that leaves closes `items`, which takes its row out of the batch."""
     try:
         first = await items.__anext__()
     except Exception as exc:
         return failed(exc)
     if isinstance(first, GenerationFailure):
+        await items.aclose()
         return error_response(first.status, first.message, getattr(first, "param", None))
     head = response_head(model, chat)
 
@@ -218,10 +219,10 @@ async def text_stream(items: Any, model: str, start: float, chat: bool) -> Any:
                     yield error_event(item.status, item.message)
                 else:
                     yield final_chunk(head, item, chat, start)
-        except Exception as exc:  # the replica died mid-stream: say so in the stream
+        except Exception as exc:  # decoding failed mid-stream: say so in the stream
             yield sse(error_body(failed(exc)))
         finally:
-            items.cancel()  # no-op once finished; stops the decoding when the client left
+            await items.aclose()  # no-op once finished; stops the decoding when the client left
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,19 +1,19 @@
 """CD-LM retrieval decoding as a Ray Serve application (reference/cdlm.md 3.5; DESIGN "Who uses it").
 
-Three deployments:
+Two deployments:
 
 - `DatastoreRouterDeployment` owns a `DatastoreRouter` (one shard actor per datastore file) and
   answers `query(entries (b,), queries (b, d))` and `stats()`.
-- `TargetDeployment` holds the generation model and its tokenizer, checks at start that the datastore
-  was built with the same tokenizer, and decodes every request in flight together; each step's lookups
-  are one call to the router deployment (`handle.query.remote(...).result()`), or, with
-  `datastore_placement=target`, a call into the datastore loaded in the replica itself (no router, no
-  shard actors, no RPC per step: for a datastore that fits beside the model).
-- `CompletionsIngress` (FastAPI) serves `POST /v1/completions` in the OpenAI completions shape plus a
-  `distilray` block of decoding statistics, `GET /healthz`, `GET /v1/models` and
-  `GET /v1/datastore/stats`. Requests are validated into `RetrievalRequest` (serve_apps/schemas.py); bad
-  ones get HTTP 400 with an OpenAI-style JSON error body. The target gets typed parameters
-  (`SamplingParams`, `RetrievalParams`) and answers a `Completion` or a `GenerationFailure`.
+- `TargetDeployment` is the app's HTTP ingress (FastAPI) and holds the generation model and its
+  tokenizer: `POST /v1/completions` and `/v1/chat/completions` in the OpenAI shape plus a `distilray`
+  block of decoding statistics (`stream: true` sends the text as server-sent events), `GET /healthz`,
+  `GET /v1/models` and `GET /v1/datastore/stats`. Requests are validated into `RetrievalRequest`
+  (serve_apps/schemas.py); bad ones get HTTP 400 with an OpenAI-style JSON error body. It checks at
+  start that the datastore was built with the same tokenizer, and decodes every request in flight
+  together; each step's lookups are one call to the router deployment
+  (`handle.query.remote(...).result()`), or, with `datastore_placement=target`, a call into the
+  datastore loaded in the replica itself (no router, no shard actors, no RPC per step: for a datastore
+  that fits beside the model). Serve's proxy routes a request straight to a target replica.
 
 Run it:
 
@@ -140,23 +140,20 @@ class DatastoreRouterDeployment:
             router.close()
 
 
-@serve.deployment(max_ongoing_requests=64)
-class TargetDeployment:
-    """The generation model: tokenises, decodes every request in flight together (continuous batching,
-    one batched datastore lookup per step: decoding/batched_retrieval.py), detokenises, and streams the
-    text as it is emitted."""
+api = openai_api.make_api(
+    title="distilray CD-LM retrieval", description="OpenAI-style completions with chunk retrieval"
+)
 
-    def __init__(
-        self,
-        model: str,
-        datastore: str,
-        router: DeploymentHandle | None,
-        num_threads: int = 1,
-        quantize: str = "none",
-        max_batch_size: int = 8,
-        batch_wait_ms: float = 0.0,
-        overlap_lookups: bool = False,
-    ) -> None:
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(api)
+class TargetDeployment:
+    """The generation model and the HTTP front in one replica: validates requests, tokenises, decodes
+    every request in flight together (continuous batching, one batched datastore lookup per step:
+    decoding/batched_retrieval.py), detokenises, and answers in the OpenAI shape, streamed or whole.
+    Serve's proxy routes each request straight to a target replica (no ingress hop in between)."""
+
+    def __init__(self, router: DeploymentHandle | None, args: dict[str, Any]) -> None:
         import torch
 
         from distilray.decoding.batched_retrieval import BatchRetrievalDecoder
@@ -165,20 +162,65 @@ class TargetDeployment:
         from distilray.models.quantize import apply_quantization
         from distilray.tokenizer import load_tokenizer
 
-        torch.set_num_threads(max(1, int(num_threads)))
-        self._tokenizer = load_tokenizer(model)
-        self._fingerprint = check_datastore_tokenizer(datastore, self._tokenizer)  # fail before loading weights
-        self._model = apply_quantization(load_causal_lm(model), quantize)
-        self._context, self._quantize = max_context(self._model), quantize
+        self._args = parsed = RetrievalAppArgs.model_validate(args)
+        torch.set_num_threads(max(1, int(parsed.num_cpus)))
+        self._tokenizer = load_tokenizer(parsed.model)
+        # fail before loading weights
+        self._fingerprint = check_datastore_tokenizer(parsed.datastore, self._tokenizer)
+        device = "cuda" if parsed.num_gpus > 0 else "cpu"
+        self._model = apply_quantization(load_causal_lm(parsed.model, device=device), parsed.quantize)
+        self._context, self._quantize = max_context(self._model), parsed.quantize
         # logits padded past the tokenizer (Pythia): those ids are never sampled
         width = model_vocab_size(self._model)
         self._limit = len(self._tokenizer) if len(self._tokenizer) < width else None
         self._router = router
         # no router: the datastore lives in this replica (datastore_placement=target)
-        self._store = LocalDatastore(datastore, self._fingerprint) if router is None else None
+        self._store = LocalDatastore(parsed.datastore, self._fingerprint) if router is None else None
         self._replica = serve.get_replica_context().replica_id.unique_id
-        decoder = BatchRetrievalDecoder(self._model, self._lookup, max_batch_size, overlap=overlap_lookups)
-        self._decoder, self._batch = decoder, BatchLoop(decoder, batch_wait_ms / 1000)
+        decoder = BatchRetrievalDecoder(
+            self._model, self._lookup, parsed.max_batch_size, overlap=parsed.overlap_lookups
+        )
+        self._decoder, self._batch = decoder, BatchLoop(decoder, parsed.batch_wait_ms / 1000)
+
+    # -- HTTP --------------------------------------------------------------------------------------
+
+    @api.post("/v1/completions", openapi_extra=openai_api.request_schema(RetrievalRequest))
+    async def completions(self, body: Any = Body(...)) -> Any:
+        return await self._answer(RetrievalRequest, body, chat=False)
+
+    @api.post("/v1/chat/completions", openapi_extra=openai_api.request_schema(RetrievalChatRequest))
+    async def chat_completions(self, body: Any = Body(...)) -> Any:
+        return await self._answer(RetrievalChatRequest, body, chat=True)
+
+    async def _answer(self, kind: type[RetrievalRequest], body: Any, chat: bool) -> Any:
+        start = time.perf_counter()
+        req = openai_api.validate_request(kind, body, self._args)
+        if not isinstance(req, RetrievalRequest):
+            return req  # the 400
+        job = TextJob(
+            text_input=req.text_input(),
+            sampling=req.sampling(seed=secrets.randbits(63)),  # unseeded sampling varies
+            stop=req.stop,
+            method=req.method(self._args),
+        )
+        if req.stream:
+            return await openai_api.text_stream(self._run(job), self._args.served, start, chat)
+        return await openai_api.completion(lambda: self._generate(job), self._args.served, start, chat)
+
+    @api.get("/healthz")
+    async def healthz(self) -> Any:
+        return await openai_api.health(self._info, served_model_name=self._args.served)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [openai_api.model_card(self._args.served)]}
+
+    @api.get("/v1/datastore/stats")
+    async def datastore_stats(self) -> Any:
+        stats = self._router.stats.remote if self._router is not None else self._local_datastore_stats
+        return await openai_api.or_unavailable(stats, "datastore unavailable")
+
+    # -- decoding ----------------------------------------------------------------------------------
 
     def _lookup(self, entries: np.ndarray, queries: np.ndarray) -> list:
         """One step's lookups for every row that needs one: one call to the router, one scatter/gather to
@@ -188,13 +230,13 @@ class TargetDeployment:
             return self._store.query_batch(entries, queries)
         return self._router.query.remote(entries, queries).result(timeout_s=LOOKUP_TIMEOUT_S)
 
-    async def datastore_stats(self) -> dict[str, Any]:
+    async def _local_datastore_stats(self) -> dict[str, Any]:
         """What /v1/datastore/stats shows when the datastore lives in the target replicas."""
         manifest = self._store.manifest if self._store is not None else {}
         keep = ("num_shards", "num_keys", "num_chunks", "mean_chunk_length", "hidden_dim", "tokenizer_fingerprint")
         return {"placement": "target", "replica": self._replica, "manifest": {k: manifest.get(k) for k in keep}}
 
-    async def info(self) -> dict[str, Any]:
+    async def _info(self) -> dict[str, Any]:
         calls = self._decoder.lookup_calls
         return {
             "context": self._context,
@@ -219,20 +261,14 @@ class TargetDeployment:
             )
         return prompt_ids, [*job.stop, *(s for s in extra_stop if not job.stop)]
 
-    async def generate(self, job: TextJob) -> Completion | GenerationFailure:
-        """One completion, or the failure the ingress answers with (400: the request)."""
+    async def _generate(self, job: TextJob) -> Completion | GenerationFailure:
+        """One completion, or the failure to answer with (400: the request)."""
         last: Any = None
-        async for item in self._run(job):
+        async for item in self._run(job, stream=False):
             last = item
         return last
 
-    async def stream(self, job: TextJob) -> AsyncIterator[StreamItem]:
-        """TextStart (or a GenerationFailure, then nothing), a TextDelta per decoding step that emitted
-        text, then the Completion (or a GenerationFailure)."""
-        async for item in self._run(job):
-            yield item
-
-    async def _run(self, job: TextJob) -> AsyncIterator[StreamItem]:
+    async def _run(self, job: TextJob, stream: bool = True) -> AsyncIterator[StreamItem]:
         try:
             prompt_ids, stop = self._prepare(job)
         except DistilrayError as exc:
@@ -242,7 +278,7 @@ class TargetDeployment:
         sampling = dataclasses.replace(job.sampling, eos_token_id=self._tokenizer.eos_token_id)
         text, start = TextStream(self._tokenizer, stop), time.perf_counter()
         options = {"method": job.method, "vocab_limit": self._limit}
-        async for item in decode_text(self._batch, prompt_ids, sampling, options, text):
+        async for item in decode_text(self._batch, prompt_ids, sampling, options, text, each_step=stream or bool(stop)):
             if isinstance(item, (GenerationFailure, TextDelta)):
                 yield item
                 if isinstance(item, GenerationFailure):
@@ -273,65 +309,9 @@ class TargetDeployment:
         )
 
 
-# -- HTTP ingress ----------------------------------------------------------------------------------
-
-
-api = openai_api.make_api(
-    title="distilray CD-LM retrieval", description="OpenAI-style completions with chunk retrieval"
-)
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
-@serve.ingress(api)
-class CompletionsIngress:
-    """HTTP front: validates requests, calls the target, shapes OpenAI-style responses (streamed or not)."""
-
-    def __init__(self, target: DeploymentHandle, router: DeploymentHandle | None, args: dict[str, Any]) -> None:
-        self._target = target
-        self._streaming = target.options(stream=True)
-        self._router = router
-        self._args = RetrievalAppArgs.model_validate(args)
-
-    @api.post("/v1/completions", openapi_extra=openai_api.request_schema(RetrievalRequest))
-    async def completions(self, body: Any = Body(...)) -> Any:
-        return await self._answer(RetrievalRequest, body, chat=False)
-
-    @api.post("/v1/chat/completions", openapi_extra=openai_api.request_schema(RetrievalChatRequest))
-    async def chat_completions(self, body: Any = Body(...)) -> Any:
-        return await self._answer(RetrievalChatRequest, body, chat=True)
-
-    async def _answer(self, kind: type[RetrievalRequest], body: Any, chat: bool) -> Any:
-        start = time.perf_counter()
-        req = openai_api.validate_request(kind, body, self._args)
-        if not isinstance(req, RetrievalRequest):
-            return req  # the 400
-        job = TextJob(
-            text_input=req.text_input(),
-            sampling=req.sampling(seed=secrets.randbits(63)),  # unseeded sampling varies
-            stop=req.stop,
-            method=req.method(self._args),
-        )
-        if req.stream:
-            return await openai_api.text_stream(self._streaming.stream.remote(job), self._args.served, start, chat)
-        return await openai_api.completion(lambda: self._target.generate.remote(job), self._args.served, start, chat)
-
-    @api.get("/healthz")
-    async def healthz(self) -> Any:
-        return await openai_api.health(self._target.info.remote, served_model_name=self._args.served)
-
-    @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [openai_api.model_card(self._args.served)]}
-
-    @api.get("/v1/datastore/stats")
-    async def datastore_stats(self) -> Any:
-        stats = self._router.stats.remote if self._router is not None else self._target.datastore_stats.remote
-        return await openai_api.or_unavailable(stats, "datastore unavailable")
-
-
 def build_app(args: dict) -> serve.Application:
-    """Serve application builder: checks the tokenizer match up front, then binds the deployments (the
-    router, and through it the shard actors, only with datastore_placement=shards)."""
+    """Serve application builder: checks the tokenizer match up front, then binds the target (the app's
+    HTTP ingress) and, with datastore_placement=shards, the router (and through it the shard actors)."""
     from distilray.tokenizer import load_tokenizer
 
     parsed = parse_args(args)
@@ -339,19 +319,9 @@ def build_app(args: dict) -> serve.Application:
     router = None
     if parsed.datastore_placement == "shards":
         router = DatastoreRouterDeployment.bind(parsed.datastore, fingerprint)
-    target = TargetDeployment.options(
-        ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus}
-    ).bind(
-        parsed.model,
-        parsed.datastore,
-        router,
-        max(1, int(parsed.num_cpus)),
-        parsed.quantize,
-        parsed.max_batch_size,
-        parsed.batch_wait_ms,
-        parsed.overlap_lookups,
+    return TargetDeployment.options(ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus}).bind(
+        router, parsed.model_dump()
     )
-    return CompletionsIngress.bind(target, router, parsed.model_dump())
 
 
 # `serve run distilray.serve_apps.retrieval:app` calls this with the CLI's key=value args (or none, then

@@ -7,20 +7,22 @@ Deployments:
   (token list, LSTM state, KV cache) in a bounded LRU of sessions, so a speculative step ships only the
   tokens that changed and gets g drafts back: ONE round trip per step, over a loopback socket when the
   target shares its node (a Serve handle call costs several times more, on every step).
-- `TargetDeployment` holds the target LM and tokenizer and runs `speculative_generate` with a
-  `RemoteDrafter` proxy that buffers start/push/rollback locally and sends them with the next
-  `propose` call (or `plain_generate` for drafter "none"). The target's KV cache never leaves it.
-- `CompletionsIngress` (FastAPI): `POST /v1/completions` (OpenAI shape, plus `gamma`, `drafter`,
-  `adaptive_gamma`; the response adds a `distilray` block), `GET /healthz`, `GET /v1/models`,
-  `GET /v1/stats`. Requests are validated into `SpeculativeRequest` (serve_apps/schemas.py); bad ones get
-  HTTP 400 with an OpenAI-style JSON error body. The ingress hands the target typed parameters
-  (`SamplingParams`, `SpeculativeParams`) and gets a `Completion` or `GenerationFailure` back.
+- `TargetDeployment` is the app's HTTP ingress (FastAPI) and holds the target LM and tokenizer:
+  `POST /v1/completions` and `/v1/chat/completions` (OpenAI shape, plus `gamma`, `drafter`,
+  `adaptive_gamma`; the response adds a `distilray` block; `stream: true` sends each verified block as
+  a server-sent event), `GET /healthz`, `GET /v1/models`, `GET /v1/stats`. Requests are validated into
+  `SpeculativeRequest` (serve_apps/schemas.py); bad ones get HTTP 400 with an OpenAI-style JSON error
+  body. Every request in flight decodes in one batch (serve_apps/batching.py) with a `RemoteDrafter`
+  proxy per row that buffers start/push/rollback locally and sends them with the next `propose` call,
+  or a drafter in this process. The target's KV cache never leaves it. Serve's proxy routes a request
+  straight to a target replica: there is no ingress deployment, so no extra hop per request or per
+  streamed block.
 
 What the composition costs is measured per request: `drafter_round_trips`, `round_trip_seconds`
 (wall time the target waited on the drafter), `drafter_seconds` (compute inside the drafter) and
-`composition_seconds` (their difference: serialisation, transport, scheduling), and at the ingress
-`request_seconds` (the whole request, hops included). Prometheus counters `distilray_spec_*` (requests,
-drafted/accepted/generated tokens, target passes) are tagged by drafter.
+`composition_seconds` (their difference: serialisation, transport, scheduling), and `request_seconds`
+(the whole request inside the replica, validation and detokenisation included). Prometheus counters
+`distilray_spec_*` (requests, drafted/accepted/generated tokens, target passes) are tagged by drafter.
 
     serve run distilray.serve_apps.speculative:app target=PATH 'drafters={"ngram3": "PATH"}'
     DISTILRAY_TARGET=PATH DISTILRAY_DRAFTERS='{"ngram3": "PATH"}' serve run distilray.serve_apps.speculative:app
@@ -132,23 +134,28 @@ def _drafter_template(spec: str, quantize: str, vocab_size: int, device: str) ->
     return template
 
 
-@serve.deployment(max_ongoing_requests=64)
-class TargetDeployment:
-    """The target LM: tokenises, decodes every request in flight together (continuous batching:
-    serve_apps/batching.py), detokenises, and streams each emitted block as text."""
+api = openai_api.make_api(title="distilray speculative decoding", description="OpenAI-style completions with drafters")
 
-    def __init__(
-        self,
-        target: str,
-        drafters: dict[str, DeploymentHandle],
-        num_threads: int = 1,
-        device: str = "cpu",
-        transport: str = "auto",
-        quantize: str = "none",
-        max_batch_size: int = 8,
-        batch_wait_ms: float = 0.0,
-        local_drafters: dict[str, str] | None = None,
-    ) -> None:
+
+def local_drafter_specs(args: SpeculativeAppArgs) -> dict[str, str]:
+    """The drafters that run inside each target replica: prompt lookup always (it has no weights),
+    every drafter with drafter_placement=target."""
+    from distilray.decoding.drafters import is_prompt_lookup
+
+    in_target = args.drafter_placement == "target"
+    return {name: spec for name, spec in args.drafters.items() if in_target or is_prompt_lookup(spec)}
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(api)
+class TargetDeployment:
+    """The target LM and the HTTP front in one replica: validates requests, tokenises, decodes every
+    request in flight together (continuous batching: serve_apps/batching.py), detokenises, and answers
+    in the OpenAI shape, streamed block by block or whole. Serve's proxy routes each request straight to
+    a target replica: no ingress deployment in between, so no second hop per request and per streamed
+    block (the same reason Ray Serve LLM's direct streaming drops its ingress)."""
+
+    def __init__(self, drafters: dict[str, DeploymentHandle], args: dict[str, Any]) -> None:
         import ray
         from ray.serve import metrics
 
@@ -158,26 +165,28 @@ class TargetDeployment:
         from distilray.models.quantize import apply_quantization
         from distilray.tokenizer import load_tokenizer
 
-        torch.set_num_threads(max(1, int(num_threads)))
-        self._tokenizer = load_tokenizer(target)
-        self._model = apply_quantization(load_causal_lm(target, device=device), quantize)
+        self._args = parsed = SpeculativeAppArgs.model_validate(args)
+        device = "cuda" if parsed.num_gpus > 0 else "cpu"
+        torch.set_num_threads(max(1, int(parsed.num_cpus)))
+        self._tokenizer = load_tokenizer(parsed.target)
+        self._model = apply_quantization(load_causal_lm(parsed.target, device=device), parsed.quantize)
         self._context, self._vocab = max_context(self._model), model_vocab_size(self._model)
         # logits padded past the tokenizer (Pythia, T5): those ids are masked, and drafters may be sized to it
         self._limit = len(self._tokenizer) if len(self._tokenizer) < self._vocab else None
         self._drafter_vocab: dict[str, int] = {}
-        self._name, self._drafters, self._quantize = target, drafters, quantize
+        self._drafters, self._quantize = drafters, parsed.quantize
         # drafters run in this process (prompt lookup always; every drafter with drafter_placement=target):
         # one loaded template each, warmed once, shallow-copied per request (the copies share the weights)
         self._local_drafters = {
-            name: _drafter_template(spec, quantize, self._vocab, device)
-            for name, spec in (local_drafters or {}).items()
+            name: _drafter_template(spec, parsed.quantize, self._vocab, device)
+            for name, spec in local_drafter_specs(parsed).items()
         }
-        self._transport, self._node_id = transport, ray.get_runtime_context().get_node_id()
+        self._transport, self._node_id = parsed.drafter_transport, ray.get_runtime_context().get_node_id()
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._connections: dict[str, DrafterChannel] = {}  # drafter name -> DrafterDeployment.connect()
         # drafter name -> (transport, step, end), used by the batch thread only
         self._calls: dict[str, tuple[str, Any, Any]] = {}
-        self._batch = BatchLoop(BatchDecoder(self._model, max_batch_size), batch_wait_ms / 1000)
+        self._batch = BatchLoop(BatchDecoder(self._model, parsed.max_batch_size), parsed.batch_wait_ms / 1000)
         self._metrics = {
             key: metrics.Counter(
                 f"distilray_spec_{key}",
@@ -188,7 +197,55 @@ class TargetDeployment:
         }
         self._totals: dict[str, dict[str, int]] = {}
 
-    async def info(self) -> dict[str, Any]:
+    # -- HTTP --------------------------------------------------------------------------------------
+
+    @api.post("/v1/completions", openapi_extra=openai_api.request_schema(SpeculativeRequest))
+    async def completions(self, body: Any = Body(...)) -> Any:
+        return await self._answer(SpeculativeRequest, body, chat=False)
+
+    @api.post("/v1/chat/completions", openapi_extra=openai_api.request_schema(SpeculativeChatRequest))
+    async def chat_completions(self, body: Any = Body(...)) -> Any:
+        return await self._answer(SpeculativeChatRequest, body, chat=True)
+
+    async def _answer(self, kind: type[SpeculativeRequest], body: Any, chat: bool) -> Any:
+        start = time.perf_counter()
+        req = openai_api.validate_request(kind, body, self._args)
+        if not isinstance(req, SpeculativeRequest):
+            return req  # the 400
+        job = TextJob(
+            text_input=req.text_input(),
+            sampling=req.sampling(seed=secrets.randbits(63)),  # unseeded sampling varies
+            stop=req.stop,
+            method=req.method(self._args),
+            drafter=req.drafter_name(self._args),
+        )
+        if req.stream:
+            return await openai_api.text_stream(self._run(job), self._args.served, start, chat)
+        return await openai_api.completion(lambda: self._generate(job), self._args.served, start, chat)
+
+    @api.get("/healthz")
+    async def healthz(self) -> Any:
+        return await openai_api.health(self._info, served_model_name=self._args.served)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        rows = [openai_api.model_card(self._args.served, role="target")]
+        rows += [openai_api.model_card(name, role="drafter") for name in self._args.drafters]
+        return {"object": "list", "data": rows}
+
+    @api.get("/v1/stats")
+    async def stats(self) -> Any:
+        """Totals per drafter (this target replica's view) and each drafter replica's session figures."""
+
+        async def gather() -> dict[str, Any]:
+            drafters = await asyncio.gather(*(h.info.remote() for h in self._drafters.values()))
+            return {"totals": self._totals, "drafters": dict(zip(self._drafters, drafters))}
+
+        return await openai_api.or_unavailable(gather, "stats unavailable")
+
+    # -- decoding ----------------------------------------------------------------------------------
+
+    async def _info(self) -> dict[str, Any]:
         return {
             "context": self._context,
             "vocab_size": self._vocab,
@@ -199,21 +256,12 @@ class TargetDeployment:
             "batch": self._batch.stats(),
         }
 
-    async def totals(self) -> dict[str, dict[str, int]]:
-        return self._totals
-
-    async def generate(self, job: TextJob) -> Completion | GenerationFailure:
+    async def _generate(self, job: TextJob) -> Completion | GenerationFailure:
         """One completion, or the failure to answer with (400: the request, 500: the deployment)."""
         last: Any = None
-        async for item in self._run(job):
+        async for item in self._run(job, stream=False):
             last = item
         return last
-
-    async def stream(self, job: TextJob) -> AsyncIterator[StreamItem]:
-        """TextStart (or a GenerationFailure, then nothing), a TextDelta per emitted block, then the
-        Completion (or a GenerationFailure)."""
-        async for item in self._run(job):
-            yield item
 
     async def _connect(self, drafter: str) -> GenerationFailure | None:
         """First use of a remote drafter: its vocabulary and channel, asked once per replica."""
@@ -257,7 +305,7 @@ class TargetDeployment:
             reconnect=lambda: self._drafter_calls(name, True)[1:],
         ), transport
 
-    async def _run(self, job: TextJob) -> AsyncIterator[StreamItem]:
+    async def _run(self, job: TextJob, stream: bool = True) -> AsyncIterator[StreamItem]:
         if job.drafter != NO_DRAFTER and job.drafter not in self._local_drafters:
             failure = await self._connect(job.drafter)
             if failure is not None:
@@ -273,7 +321,9 @@ class TargetDeployment:
         text, start = TextStream(self._tokenizer, stop), time.perf_counter()
         options = {"drafter": drafter, "method": job.method, "vocab_limit": self._limit}
         close = drafter.close if isinstance(drafter, RemoteDrafter) else None
-        async for item in decode_text(self._batch, prompt_ids, sampling, options, text, on_leave=close):
+        async for item in decode_text(
+            self._batch, prompt_ids, sampling, options, text, on_leave=close, each_step=stream or bool(stop)
+        ):
             if isinstance(item, GenerationFailure):
                 yield item
                 return
@@ -357,76 +407,12 @@ class TargetDeployment:
                 self._metrics[key].inc(value, tags={"drafter": drafter})
 
 
-# -- HTTP ingress ------------------------------------------------------------------------------------
-
-
-api = openai_api.make_api(title="distilray speculative decoding", description="OpenAI-style completions with drafters")
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
-@serve.ingress(api)
-class CompletionsIngress:
-    """HTTP front: validates requests, calls the target, shapes OpenAI-style responses (streamed or not)."""
-
-    def __init__(self, target: DeploymentHandle, drafters: dict[str, DeploymentHandle], args: dict[str, Any]) -> None:
-        self._target, self._drafters = target, drafters
-        self._streaming = target.options(stream=True)
-        self._args = SpeculativeAppArgs.model_validate(args)
-
-    @api.post("/v1/completions", openapi_extra=openai_api.request_schema(SpeculativeRequest))
-    async def completions(self, body: Any = Body(...)) -> Any:
-        return await self._answer(SpeculativeRequest, body, chat=False)
-
-    @api.post("/v1/chat/completions", openapi_extra=openai_api.request_schema(SpeculativeChatRequest))
-    async def chat_completions(self, body: Any = Body(...)) -> Any:
-        return await self._answer(SpeculativeChatRequest, body, chat=True)
-
-    async def _answer(self, kind: type[SpeculativeRequest], body: Any, chat: bool) -> Any:
-        start = time.perf_counter()
-        req = openai_api.validate_request(kind, body, self._args)
-        if not isinstance(req, SpeculativeRequest):
-            return req  # the 400
-        job = TextJob(
-            text_input=req.text_input(),
-            sampling=req.sampling(seed=secrets.randbits(63)),  # unseeded sampling varies
-            stop=req.stop,
-            method=req.method(self._args),
-            drafter=req.drafter_name(self._args),
-        )
-        if req.stream:
-            return await openai_api.text_stream(self._streaming.stream.remote(job), self._args.served, start, chat)
-        return await openai_api.completion(lambda: self._target.generate.remote(job), self._args.served, start, chat)
-
-    @api.get("/healthz")
-    async def healthz(self) -> Any:
-        return await openai_api.health(self._target.info.remote, served_model_name=self._args.served)
-
-    @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        rows = [openai_api.model_card(self._args.served, role="target")]
-        rows += [openai_api.model_card(name, role="drafter") for name in self._args.drafters]
-        return {"object": "list", "data": rows}
-
-    @api.get("/v1/stats")
-    async def stats(self) -> Any:
-        """Totals per drafter (one target replica's view) and each drafter replica's session figures."""
-
-        async def gather() -> dict[str, Any]:
-            drafters = await asyncio.gather(*(h.info.remote() for h in self._drafters.values()))
-            return {"totals": await self._target.totals.remote(), "drafters": dict(zip(self._drafters, drafters))}
-
-        return await openai_api.or_unavailable(gather, "stats unavailable")
-
-
 def build_app(args: dict) -> serve.Application:
     """Serve application builder: checks vocabularies up front, then binds one drafter deployment per
-    configured drafter folder (prompt-lookup drafters run inside the target), the target and the ingress."""
-    from distilray.decoding.drafters import is_prompt_lookup
-
+    drafter that runs in its own replica, and the target (the app's HTTP ingress)."""
     parsed = parse_args(args)
     check_vocabularies(parsed)
-    in_target = parsed.drafter_placement == "target"
-    local = {name: spec for name, spec in parsed.drafters.items() if in_target or is_prompt_lookup(spec)}
+    local = local_drafter_specs(parsed)
     drafters = {
         name: DrafterDeployment.options(
             name=f"Drafter-{name}",
@@ -444,21 +430,10 @@ def build_app(args: dict) -> serve.Application:
     }
     # a fixed count only when asked: it would clash with an autoscaling_config from serve_config.yaml
     replicas = {"num_replicas": parsed.target_replicas} if parsed.target_replicas else {}
-    target = TargetDeployment.options(
+    return TargetDeployment.options(
         **replicas,
         ray_actor_options={"num_cpus": parsed.num_cpus, "num_gpus": parsed.num_gpus},
-    ).bind(
-        parsed.target,
-        drafters,
-        max(1, int(parsed.num_cpus)),
-        "cuda" if parsed.num_gpus > 0 else "cpu",
-        parsed.drafter_transport,
-        parsed.quantize,
-        parsed.max_batch_size,
-        parsed.batch_wait_ms,
-        local,
-    )
-    return CompletionsIngress.bind(target, drafters, parsed.model_dump())
+    ).bind(drafters, parsed.model_dump())
 
 
 # `serve run distilray.serve_apps.speculative:app` calls this with the CLI's key=value args (or none, then
