@@ -512,6 +512,11 @@ def format_table(out: dict) -> str:
             )
             + f"; same text {single['same_text']}"
         )
+        ceiling = single.get("batching_ceiling", {})
+        lines.append(
+            f"in process, {out['max_batch_size']} requests batched over one alone (tok/s: the most batching gives): "
+            + ", ".join(f"{kind} {ratio:.2f}x" for kind, ratio in ceiling.items())
+        )
     if out.get("cdlm_tts"):
         c = out["cdlm_tts"]
         lines.append(

@@ -56,6 +56,49 @@ class InProcessDecoder:
         finally:
             torch.set_num_threads(before)
 
+    def batched_tokens_per_s(self, prompts: list[str], rows: int, speculative: bool) -> float:
+        """Tokens/s of `rows` requests decoded together by the replica's BatchDecoder, in this process:
+        what batching can give at most here, before any HTTP."""
+        import copy
+
+        import torch
+
+        from distilray.decoding.batched import BatchDecoder
+        from distilray.decoding.sampling import SamplingParams
+        from distilray.decoding.speculative import SpeculativeParams
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            decoder, tokens = BatchDecoder(self._target, rows), 0
+            start = time.perf_counter()
+            for i, prompt in enumerate(prompts[:rows]):
+                decoder.add(
+                    str(i),
+                    self.tokenizer(prompt)["input_ids"],
+                    SamplingParams(max_new_tokens=self._cfg.max_tokens, eos_token_id=self.tokenizer.eos_token_id),
+                    drafter=copy.copy(self._drafter) if speculative else None,
+                    method=SpeculativeParams(gamma=self._cfg.gamma),
+                )
+            while decoder.active:
+                tokens += sum(len(event.new_tokens) for event in decoder.step())
+            return tokens / (time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(before)
+
+
+def batching_ceiling(decode: InProcessDecoder, prompts: list[str], rows: int, rounds: int = 3) -> dict[str, float]:
+    """In process, `rows` requests decoded together over one alone (tokens/s), plain and speculative,
+    alternating, best of `rounds`: the most the served 8-client goal could show on this machine."""
+    out = {}
+    for kind, speculative in (("plain", False), ("speculative", True)):
+        best = {1: 0.0, rows: 0.0}
+        for _ in range(rounds):
+            for n in best:
+                best[n] = max(best[n], decode.batched_tokens_per_s(prompts, n, speculative))
+        out[kind] = best[rows] / best[1]
+    return out
+
 
 def one_client_side_by_side(
     served: dict[str, tuple[str, dict[str, Any]]],
@@ -100,4 +143,5 @@ def one_client_side_by_side(
         "ratio_vs_in_process": {n: rate[n] / rate["in_process"] for n in served},
         "requests_per_side": rounds * len(prompts),
         "same_text": same,
+        "batching_ceiling": batching_ceiling(decode, prompts, cfg.max_batch_size),
     }

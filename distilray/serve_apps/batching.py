@@ -11,6 +11,7 @@ hangs a request.
 
 import asyncio
 import dataclasses
+import math
 import threading
 import time
 import uuid
@@ -136,17 +137,30 @@ class BatchLoop:
                     job.listener(event)
 
 
-def _at_the_end(post: Listener) -> Listener:
-    """A listener that holds a row's tokens on the batch thread and posts one event when the row ends."""
+def hand_over_interval(stream: bool, stop: list[str], stream_interval_ms: float) -> float | None:
+    """decode_text's `interval_s` for a request: a stream at the app's interval, a whole answer once at
+    the end unless a stop string must be watched for."""
+    return stream_interval_ms / 1000 if stream or stop else None
+
+
+def _coalescing(post: Listener, interval_s: float | None) -> Listener:
+    """A listener that holds a row's tokens on the batch thread and posts them together: with
+    `interval_s`, the first step's at once (time to first token), then at most one post per interval;
+    with None, one post when the row ends. The last tokens and a failure are always posted."""
     held: list[int] = []
+    last_post = -math.inf
 
     def listener(event: BatchEvent | BaseException) -> None:
+        nonlocal last_post
         if isinstance(event, BaseException):
             post(event)
-        elif event.finished:
-            post(dataclasses.replace(event, new_tokens=held + event.new_tokens) if held else event)
-        else:
-            held.extend(event.new_tokens)
+            return
+        held.extend(event.new_tokens)
+        now = time.monotonic()
+        if event.finished or (interval_s is not None and now - last_post >= interval_s):
+            post(dataclasses.replace(event, new_tokens=held.copy()))
+            held.clear()
+            last_post = now
 
     return listener
 
@@ -158,16 +172,18 @@ async def decode_text(
     options: dict[str, Any],
     text: TextStream,
     on_leave: Callable[[], None] | None = None,
-    each_step: bool = True,
+    interval_s: float | None = 0.0,
 ) -> AsyncIterator[TextDelta | GenerationFailure | BatchEvent]:
     """One request through the batch, on the replica's event loop: a TextDelta per piece of text that
     became final, then the row's last BatchEvent (its record); or a GenerationFailure and nothing more.
 
     Every event queued by the time the consumer looks is taken as one piece: under load a stream sends
     fewer, larger pieces instead of falling behind one hop per step. A stop string, or a consumer that
-    leaves (client disconnect), takes the row out of the batch at the next step. `each_step=False` (a
-    whole answer, no stop string to watch for) wakes this loop once, at the end: every wake-up takes the
-    interpreter lock from the batch thread in the middle of its steps.
+    leaves (client disconnect), takes the row out of the batch at the next step (a stop string is seen
+    when the text reaches this loop). The batch thread hands this loop a row's tokens at most once per
+    `interval_s` (0: every step; None: once, at the end, for a whole answer with no stop string to
+    watch): every hand-over wakes this loop, which takes the interpreter lock from the batch thread in
+    the middle of its steps.
     """
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -176,7 +192,7 @@ async def decode_text(
     def post(event: BatchEvent | BaseException) -> None:
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    listener = post if each_step else _at_the_end(post)
+    listener = post if interval_s == 0 else _coalescing(post, interval_s)
     job = BatchJob(request_id, prompt_ids, params, listener, options, on_leave)
     batch.submit(job)
     done = False

@@ -47,7 +47,7 @@ from distilray.cdlm.datastore_files import read_manifest
 from distilray.cdlm.local import LocalDatastore, QueryResult, merge_shard_answers
 from distilray.errors import DistilrayError
 from distilray.serve_apps import openai_api
-from distilray.serve_apps.batching import BatchLoop, decode_text
+from distilray.serve_apps.batching import BatchLoop, decode_text, hand_over_interval
 from distilray.serve_apps.schemas import (
     Completion,
     GenerationFailure,
@@ -278,7 +278,14 @@ class TargetDeployment:
         sampling = dataclasses.replace(job.sampling, eos_token_id=self._tokenizer.eos_token_id)
         text, start = TextStream(self._tokenizer, stop), time.perf_counter()
         options = {"method": job.method, "vocab_limit": self._limit}
-        async for item in decode_text(self._batch, prompt_ids, sampling, options, text, each_step=stream or bool(stop)):
+        async for item in decode_text(
+            self._batch,
+            prompt_ids,
+            sampling,
+            options,
+            text,
+            interval_s=hand_over_interval(stream, stop, self._args.stream_interval_ms),
+        ):
             if isinstance(item, (GenerationFailure, TextDelta)):
                 yield item
                 if isinstance(item, GenerationFailure):

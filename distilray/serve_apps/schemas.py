@@ -64,6 +64,13 @@ class ReplicaResources(BaseModel):
         description="how long an idle target replica waits for a burst to gather before its first step (0: none; "
         "requests that come later join at the next step anyway)",
     )
+    stream_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="the least time between two events of a stream (the first text goes at once; 0: an event per "
+        "step). Each event costs the replica CPU and interpreter time its batch needs",
+    )
 
     def model_id(self, folder: str) -> str:
         """served_model_name, else the folder's last part: a response never shows a filesystem path."""

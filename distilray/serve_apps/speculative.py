@@ -9,14 +9,14 @@ Deployments:
   target shares its node (a Serve handle call costs several times more, on every step).
 - `TargetDeployment` is the app's HTTP ingress (FastAPI) and holds the target LM and tokenizer:
   `POST /v1/completions` and `/v1/chat/completions` (OpenAI shape, plus `gamma`, `drafter`,
-  `adaptive_gamma`; the response adds a `distilray` block; `stream: true` sends each verified block as
-  a server-sent event), `GET /healthz`, `GET /v1/models`, `GET /v1/stats`. Requests are validated into
-  `SpeculativeRequest` (serve_apps/schemas.py); bad ones get HTTP 400 with an OpenAI-style JSON error
-  body. Every request in flight decodes in one batch (serve_apps/batching.py) with a `RemoteDrafter`
-  proxy per row that buffers start/push/rollback locally and sends them with the next `propose` call,
-  or a drafter in this process. The target's KV cache never leaves it. Serve's proxy routes a request
-  straight to a target replica: there is no ingress deployment, so no extra hop per request or per
-  streamed block.
+  `adaptive_gamma`; the response adds a `distilray` block; `stream: true` sends the verified blocks as
+  server-sent events, at most one per `stream_interval_ms`), `GET /healthz`, `GET /v1/models`,
+  `GET /v1/stats`. Requests are validated into `SpeculativeRequest` (serve_apps/schemas.py); bad
+  ones get HTTP 400 with an OpenAI-style JSON error body. Every request in flight decodes in one
+  batch (serve_apps/batching.py), each row with a drafter in this process or a `RemoteDrafter` proxy
+  that buffers start/push/rollback locally and sends them with the next `propose` call. The target's
+  KV cache never leaves it. Serve's proxy routes a request straight to a target replica: there is no
+  ingress deployment, so no extra hop per request or per streamed block.
 
 What the composition costs is measured per request: `drafter_round_trips`, `round_trip_seconds`
 (wall time the target waited on the drafter), `drafter_seconds` (compute inside the drafter) and
@@ -48,7 +48,7 @@ from ray.serve.handle import DeploymentHandle
 from distilray.decoding.sampling import SamplingParams
 from distilray.errors import DistilrayError
 from distilray.serve_apps import openai_api
-from distilray.serve_apps.batching import BatchLoop, decode_text
+from distilray.serve_apps.batching import BatchLoop, decode_text, hand_over_interval
 from distilray.serve_apps.openai_api import finite_or_none
 from distilray.serve_apps.schemas import (
     NO_DRAFTER,
@@ -151,7 +151,7 @@ def local_drafter_specs(args: SpeculativeAppArgs) -> dict[str, str]:
 class TargetDeployment:
     """The target LM and the HTTP front in one replica: validates requests, tokenises, decodes every
     request in flight together (continuous batching: serve_apps/batching.py), detokenises, and answers
-    in the OpenAI shape, streamed block by block or whole. Serve's proxy routes each request straight to
+    in the OpenAI shape, streamed as blocks are verified or whole. Serve's proxy routes each request straight to
     a target replica: no ingress deployment in between, so no second hop per request and per streamed
     block (the same reason Ray Serve LLM's direct streaming drops its ingress)."""
 
@@ -322,7 +322,13 @@ class TargetDeployment:
         options = {"drafter": drafter, "method": job.method, "vocab_limit": self._limit}
         close = drafter.close if isinstance(drafter, RemoteDrafter) else None
         async for item in decode_text(
-            self._batch, prompt_ids, sampling, options, text, on_leave=close, each_step=stream or bool(stop)
+            self._batch,
+            prompt_ids,
+            sampling,
+            options,
+            text,
+            on_leave=close,
+            interval_s=hand_over_interval(stream, stop, self._args.stream_interval_ms),
         ):
             if isinstance(item, GenerationFailure):
                 yield item
