@@ -89,7 +89,8 @@ def serve_vs_in_process(
     same_tokens (served text == in-process text for every prompt), and where the difference goes:
     per-step drafter round trips (mean_round_trip_ms, mean_drafter_step_ms, composition_ms_per_step),
     per-request hops (request_overhead_ms: HTTP wall minus the target's decoding time, split into
-    http_ms and ingress_to_decode_ms), and the target's own time per pass on each side
+    http_ms: the HTTP proxy hop, and replica_outside_decode_ms: validation, tokenisation and
+    detokenisation in the target replica), and the target's own time per pass on each side
     (target_ms_per_pass_in_process / _serve: decoding time minus the drafter's, or minus the round trips).
     """
     from ray import serve
@@ -203,7 +204,7 @@ def serve_vs_in_process(
         # of which: HTTP proxy and client (wall minus the ingress's time), and the ingress -> target hop
         # with tokenising (also in the in-process time) and the drafter session set-up
         "http_ms": 1000 * (remote["seconds"] - remote["ingress_seconds"]) / remote["requests"],
-        "ingress_to_decode_ms": 1000 * (remote["ingress_seconds"] - remote["decode_seconds"]) / remote["requests"],
+        "replica_outside_decode_ms": 1000 * (remote["ingress_seconds"] - remote["decode_seconds"]) / remote["requests"],
         "target_ms_per_pass_in_process": 1000 * (local["decode_seconds"] - drafter.seconds) / max(1, local["passes"]),
         "target_ms_per_pass_serve": 1000
         * (remote["decode_seconds"] - remote["round_trip_seconds"])
