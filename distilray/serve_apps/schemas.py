@@ -346,7 +346,7 @@ class SpeculativeChatRequest(ChatFields, SpeculativeRequest):
 
 
 class SpeculativeStats(BaseModel):
-    """The `distilray` block of a speculative completion (before the ingress adds request_seconds)."""
+    """The `distilray` block of a speculative completion (before the HTTP handler adds request_seconds)."""
 
     drafter: str
     gamma: int | None
@@ -394,7 +394,7 @@ class Completion(BaseModel):
 
 
 class GenerationFailure(BaseModel):
-    """A request the target could not serve: the ingress answers `status` with `message`."""
+    """A request the target could not serve: the HTTP handler answers `status` with `message`."""
 
     message: str
     status: int = 400
@@ -402,7 +402,7 @@ class GenerationFailure(BaseModel):
 
 @dataclass(frozen=True)
 class TextJob:
-    """One request as the ingress hands it to a text app's target."""
+    """One request as a text app's HTTP handler hands it to the decoding."""
 
     text_input: str | list[dict[str, str]]  # a prompt, or a chat's messages (the target renders them)
     sampling: SamplingParams
