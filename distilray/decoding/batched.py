@@ -1,4 +1,5 @@
-"""Continuous batching for speculative and plain decoding: many requests, one target pass per step.
+"""Continuous batching for speculative and plain decoding: many requests, one target pass per step
+(two in a step where requests join a batch already decoding).
 
 A `BatchDecoder` owns one Hugging Face causal LM target and up to `max_batch_size` rows (requests).
 Requests join (`add`) and leave (finished, `cancel`) between steps. Every `step` asks each row's
@@ -10,10 +11,12 @@ without a drafter is plain decoding (gamma 0: each pass yields one token). Greed
 the request alone; a sampled row draws exactly the random numbers it would draw alone, so its output
 does not depend on the batch around it (up to float rounding of the batched logits, ~1e-6).
 
-Prefill: a joining row's whole prompt is its `pending` input of its first step, fed in that step's
-batched pass together with its first drafts, exactly as `_loop` feeds prompt + drafts in its first pass.
-No extra pass, and every row's record counts the passes its solo run would (V = passes it took part in).
-The price: the step in which a long prompt joins is padded to that prompt's length for every row.
+Prefill: a joining row's whole prompt is its `pending` input of its first step, fed together with its
+first drafts, exactly as `_loop` feeds prompt + drafts in its first pass. When rows are already
+decoding, the newcomers take that first step in a pass of their own and their cache then joins the
+batch's (`_merge`, holes padding the shorter side): fed with the others, a 32-token prompt would pad
+every row's pass to 32 tokens, and a step of 8 rows (4.3M target) took 47 ms against 11; apart, 19.
+Every row's record counts the passes its solo run would (V = passes it took part in).
 
 KV cache design: ONE batched DynamicCache (B, heads, T, d) with a boolean column mask (B, T).
 - Each pass appends N = max_r(pending_r + drafts_r) columns. A row's tokens are right-padded in that
@@ -185,10 +188,31 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def step(self) -> list[BatchEvent]:
-        """One step for every request: drafts, one batched target pass, verification. Finished rows leave."""
+        """One step for every request: drafts, one batched target pass, verification. Finished rows leave.
+
+        Requests that join while others decode take their first step in a pass of their own, then join
+        the batch: fed with the others, a prompt would pad every row of the pass to its length (8 rows
+        of a 4.3M model: 47 ms a step against 11). A newcomer alone thus makes exactly the first pass
+        of decoding alone."""
         events = [self._finish_empty(r) for r in self._waiting if r.params.max_new_tokens == 0]
-        self._join([r for r in self._waiting if r.params.max_new_tokens > 0])
+        joining = [r for r in self._waiting if r.params.max_new_tokens > 0]
         self._waiting = []
+        if not (joining and self._rows):
+            self._join(joining)
+            return events + self._step_rows()
+        batch = self._rows, self._mask, self._cache
+        self._rows, self._mask, self._cache = [], self._mask.new_zeros((0, 0)), None
+        self._join(joining)
+        events += self._step_rows()
+        newcomers = self._rows, self._mask, self._cache
+        self._rows, self._mask, self._cache = batch
+        events += self._step_rows()
+        self._merge(*newcomers)
+        return events
+
+    def _step_rows(self) -> list[BatchEvent]:
+        """Drafts, the pass and verification for the rows in the batch now."""
+        events: list[BatchEvent] = []
         drafts: list[Draft] = []
         failed: set[int] = set()
         for i, row in enumerate(self._rows):
@@ -212,6 +236,22 @@ class BatchDecoder:
                 done.add(i)
         self._end_step(done)
         return events
+
+    def _merge(self, rows: list[_Row], mask: torch.Tensor, cache) -> None:
+        """Rows that stepped apart join the batch: both caches padded with holes to the same columns
+        (each row's real columns keep their order, before every later one), then stacked."""
+        if not rows:
+            return
+        if not self._rows:
+            self._rows, self._mask, self._cache = rows, mask, cache
+            return
+        width = max(self.cache_length, mask.shape[1])
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([_widen(mine.keys, width), _widen(theirs.keys, width)], dim=0)
+            mine.values = torch.cat([_widen(mine.values, width), _widen(theirs.values, width)], dim=0)
+        self._mask = torch.cat([_widen(self._mask, width, dim=1), _widen(mask, width, dim=1)], dim=0)
+        self._rows += rows
+        self._compact()
 
     def _end_step(self, done: set[int]) -> None:
         """After a pass: finished rows leave, the columns no row uses go, and the holes are compacted."""
@@ -405,6 +445,16 @@ def _failed(row: _Row, error: Exception) -> BatchEvent:
 def _grow(t: torch.Tensor, rows: int) -> torch.Tensor:
     """`t` with `rows` zero entries appended along the batch dimension."""
     return torch.cat([t, t.new_zeros((rows, *t.shape[1:]))], dim=0)
+
+
+def _widen(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """`t` with zero (hole) columns appended along `dim` up to `width`."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
 def _check_cache(cache) -> None:

@@ -178,12 +178,13 @@ class BatchRetrievalDecoder(BatchDecoder):
         super().cancel(request_id)
         self._cd.pop(request_id, None)
 
-    @torch.inference_mode()
-    def step(self) -> list[BatchEvent]:
-        """One step for every request: the batch lookup, each row's input, one target pass, each row's outcome."""
-        events = [self._event(r, True) for r in self._waiting if r.params.max_new_tokens == 0]
-        self._join([r for r in self._waiting if r.params.max_new_tokens > 0])
-        self._waiting = []
+    def _finish_empty(self, row: _Row) -> BatchEvent:
+        return self._event(row, True)
+
+    def _step_rows(self) -> list[BatchEvent]:
+        """One step for the rows in the batch now (the parent's `step` joins newcomers): the batch
+        lookup, each row's input, one target pass, each row's outcome."""
+        events: list[BatchEvent] = []
         asks = {r.request_id: q for r in self._rows if (q := self._query(r)) is not None}
         answers: dict[str, QueryResult] = {}
         future: Future | None = None

@@ -201,16 +201,24 @@ def test_int8_batched_logits_equal_a_lone_pass_bit_for_bit(setup):
     tok, target, other, ngram, prompts = setup
     int8 = quantize_int8(copy.deepcopy(target))
     dec = BatchDecoder(int8)
+    merges = []
+    merge = dec._merge
+    dec._merge = lambda rows, mask, cache: (merges.append(len(rows)), merge(rows, mask, cache))
     drafters = [None, HFDrafter(other), ngram, HFDrafter(other)]
-    for i, p in enumerate(prompts[:4]):
-        dec.add(str(i), p, SamplingParams(12 + 4 * i), drafters[i], SpeculativeParams(gamma=3))
+
+    def add(i: int) -> None:
+        dec.add(str(i), prompts[i], SamplingParams(12 + 4 * i), drafters[i], SpeculativeParams(gamma=3))
+
+    add(0), add(1)
     passes = 0
     for request_id, seq, g, lg in _passes_against_alone(dec, prompts):
         with torch.inference_mode():
             alone = int8(torch.tensor([seq])).logits[0, -(g + 1) :]
         assert torch.equal(lg, alone), (float((lg - alone).abs().max()), request_id)
         passes += 1
-    assert passes > 8
+        if passes == 3:  # two rows join a batch already decoding: a first pass of their own, then a merged cache
+            add(2), add(3)
+    assert passes > 8 and merges == [2]
 
 
 def test_a_lone_row_keeps_a_cache_without_holes(setup):
@@ -286,7 +294,29 @@ def test_one_target_forward_per_step(setup):
             assert len(calls) == steps == dec.forward_passes
     finally:
         handle.remove()
-    assert steps == 12  # plain rows need one pass per token, and no separate prefill
+    assert steps == 12  # plain rows need one pass per token; rows that all start together, no separate prefill
+
+
+def test_rows_joining_a_decoding_batch_take_their_first_step_apart(setup):
+    """A newcomer's prompt never widens the others' pass: it gets a pass of its own, then joins."""
+    tok, target, other, ngram, prompts = setup
+    widths: list[tuple[int, int]] = []  # (rows, tokens a row) of every pass
+    handle = target.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        dec = BatchDecoder(target)
+        for i in range(3):
+            dec.add(str(i), prompts[i], SamplingParams(12), None)
+        dec.step()
+        dec.step()
+        widths.clear()
+        dec.add("late", prompts[5], SamplingParams(12), copy.copy(ngram), SpeculativeParams(gamma=3))
+        events = dec.step()
+    finally:
+        handle.remove()
+    assert widths == [(1, len(prompts[5]) + 3), (3, 1)]  # the newcomer's prompt and drafts alone, then the others
+    assert {e.request_id for e in events} == {"0", "1", "2", "late"} and dec.active == 4
 
 
 def test_llama_target(one_thread, pydoc_tokenizer, scaled):
