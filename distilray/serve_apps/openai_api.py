@@ -9,6 +9,7 @@ No `from __future__ import annotations`: FastAPI reads annotations at runtime (s
 import json
 import math
 import os
+import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -226,6 +227,29 @@ async def text_stream(items: AsyncGenerator[Any, None], model: str, start: float
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def answer_text(
+    kind: type[BaseModel], body: Any, args: Any, run: Callable[[Any, bool], AsyncGenerator[Any, None]], chat: bool
+) -> Any:
+    """A text app's POST: `body` validated into `kind` against the app's `args` (or the 400), its job
+    decoded by `run(job, stream)` (the target's items: serve_apps/schemas.py StreamItem), answered as
+    server-sent events or as one completion."""
+    start = time.perf_counter()
+    req = validate_request(kind, body, args)
+    if not isinstance(req, kind):
+        return req  # the 400
+    job = req.job(args, seed=secrets.randbits(63))  # unseeded sampling varies
+    if req.stream:
+        return await text_stream(run(job, True), args.served, start, chat)
+
+    async def whole() -> Any:
+        last = None
+        async for item in run(job, False):
+            last = item
+        return last
+
+    return await completion(whole, args.served, start, chat)
 
 
 async def or_unavailable(call: Callable[[], Awaitable[Any]], what: str) -> Any:

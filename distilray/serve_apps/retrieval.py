@@ -30,7 +30,6 @@ taken for a query parameter.
 
 import asyncio
 import dataclasses
-import secrets
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -186,26 +185,11 @@ class TargetDeployment:
 
     @api.post("/v1/completions", openapi_extra=openai_api.request_schema(RetrievalRequest))
     async def completions(self, body: Any = Body(...)) -> Any:
-        return await self._answer(RetrievalRequest, body, chat=False)
+        return await openai_api.answer_text(RetrievalRequest, body, self._args, self._run, chat=False)
 
     @api.post("/v1/chat/completions", openapi_extra=openai_api.request_schema(RetrievalChatRequest))
     async def chat_completions(self, body: Any = Body(...)) -> Any:
-        return await self._answer(RetrievalChatRequest, body, chat=True)
-
-    async def _answer(self, kind: type[RetrievalRequest], body: Any, chat: bool) -> Any:
-        start = time.perf_counter()
-        req = openai_api.validate_request(kind, body, self._args)
-        if not isinstance(req, RetrievalRequest):
-            return req  # the 400
-        job = TextJob(
-            text_input=req.text_input(),
-            sampling=req.sampling(seed=secrets.randbits(63)),  # unseeded sampling varies
-            stop=req.stop,
-            method=req.method(self._args),
-        )
-        if req.stream:
-            return await openai_api.text_stream(self._run(job), self._args.served, start, chat)
-        return await openai_api.completion(lambda: self._generate(job), self._args.served, start, chat)
+        return await openai_api.answer_text(RetrievalChatRequest, body, self._args, self._run, chat=True)
 
     @api.get("/healthz")
     async def healthz(self) -> Any:
@@ -260,13 +244,6 @@ class TargetDeployment:
                 f"exceeds the model's context of {self._context} tokens"
             )
         return prompt_ids, [*job.stop, *(s for s in extra_stop if not job.stop)]
-
-    async def _generate(self, job: TextJob) -> Completion | GenerationFailure:
-        """One completion, or the failure to answer with (400: the request)."""
-        last: Any = None
-        async for item in self._run(job, stream=False):
-            last = item
-        return last
 
     async def _run(self, job: TextJob, stream: bool = True) -> AsyncIterator[StreamItem]:
         try:

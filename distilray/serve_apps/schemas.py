@@ -9,6 +9,7 @@ A failed request is answered by openai_api.py as a 400 whose `param` names the f
 No `from __future__ import annotations`: pydantic and FastAPI read these annotations at runtime.
 """
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -248,6 +249,14 @@ class CompletionRequest(BaseModel):
             seed=self.seed if self.seed is not None else seed,
         )
 
+    def method(self, args: Any) -> Any:
+        """The app's decoding method parameters (SpeculativeParams, RetrievalParams) for this request."""
+        return None
+
+    def job(self, args: Any, seed: int) -> "TextJob":
+        """What the target decodes for this request; `seed` stands in for a missing one."""
+        return TextJob(self.text_input(), self.sampling(seed), self.stop, self.method(args))
+
 
 def _check_prompt_bytes(size: int, info: ValidationInfo) -> None:
     """Refuse a prompt over the app's max_prompt_bytes before anything tokenises it."""
@@ -326,6 +335,9 @@ class SpeculativeRequest(CompletionRequest):
 
     def drafter_name(self, args: SpeculativeAppArgs) -> str:
         return self.drafter if self.drafter is not None else args.default_drafter
+
+    def job(self, args: SpeculativeAppArgs, seed: int) -> "TextJob":
+        return dataclasses.replace(super().job(args, seed), drafter=self.drafter_name(args))
 
     def method(self, args: SpeculativeAppArgs) -> SpeculativeParams:
         gamma = self.gamma if self.gamma is not None else args.default_gamma

@@ -34,7 +34,6 @@ resolve postponed ones inside a Serve ingress class (see serve_apps/retrieval.py
 import asyncio
 import copy
 import dataclasses
-import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -201,27 +200,11 @@ class TargetDeployment:
 
     @api.post("/v1/completions", openapi_extra=openai_api.request_schema(SpeculativeRequest))
     async def completions(self, body: Any = Body(...)) -> Any:
-        return await self._answer(SpeculativeRequest, body, chat=False)
+        return await openai_api.answer_text(SpeculativeRequest, body, self._args, self._run, chat=False)
 
     @api.post("/v1/chat/completions", openapi_extra=openai_api.request_schema(SpeculativeChatRequest))
     async def chat_completions(self, body: Any = Body(...)) -> Any:
-        return await self._answer(SpeculativeChatRequest, body, chat=True)
-
-    async def _answer(self, kind: type[SpeculativeRequest], body: Any, chat: bool) -> Any:
-        start = time.perf_counter()
-        req = openai_api.validate_request(kind, body, self._args)
-        if not isinstance(req, SpeculativeRequest):
-            return req  # the 400
-        job = TextJob(
-            text_input=req.text_input(),
-            sampling=req.sampling(seed=secrets.randbits(63)),  # unseeded sampling varies
-            stop=req.stop,
-            method=req.method(self._args),
-            drafter=req.drafter_name(self._args),
-        )
-        if req.stream:
-            return await openai_api.text_stream(self._run(job), self._args.served, start, chat)
-        return await openai_api.completion(lambda: self._generate(job), self._args.served, start, chat)
+        return await openai_api.answer_text(SpeculativeChatRequest, body, self._args, self._run, chat=True)
 
     @api.get("/healthz")
     async def healthz(self) -> Any:
@@ -255,13 +238,6 @@ class TargetDeployment:
             "replica": self._replica,
             "batch": self._batch.stats(),
         }
-
-    async def _generate(self, job: TextJob) -> Completion | GenerationFailure:
-        """One completion, or the failure to answer with (400: the request, 500: the deployment)."""
-        last: Any = None
-        async for item in self._run(job, stream=False):
-            last = item
-        return last
 
     async def _connect(self, drafter: str) -> GenerationFailure | None:
         """First use of a remote drafter: its vocabulary and channel, asked once per replica."""
