@@ -357,7 +357,7 @@ def sdtt_stage(cfg: QuickstartConfig, tok_dir: str, evaluator_dir: str) -> tuple
             seq_len=cfg.sdtt_seq_len,
             steps=cfg.sdtt_teacher_steps,
             lr=1e-3,
-            warmup_steps=30,
+            warmup_steps=min(30, max(1, cfg.sdtt_teacher_steps // 8)),
             checkpoint_every=max(1, cfg.sdtt_teacher_steps // 2),
             **common,
         )
@@ -371,7 +371,7 @@ def sdtt_stage(cfg: QuickstartConfig, tok_dir: str, evaluator_dir: str) -> tuple
             grow_dt_every=cfg.sdtt_distill_steps,
             steps=cfg.sdtt_distill_steps,
             lr=3e-4,
-            warmup_steps=10,
+            warmup_steps=min(10, max(1, cfg.sdtt_distill_steps // 10)),
             checkpoint_every=cfg.sdtt_distill_steps,
             **common,
         )

@@ -32,6 +32,11 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
             "spec_distill_steps=3",
             "spec_prompts=2",
             "spec_new_tokens=8",
+            "sdtt_seq_len=32",
+            "sdtt_teacher_steps=4",
+            "sdtt_distill_steps=2",
+            "sdtt_orig_num_steps=16",
+            "sdtt_samples=2",
             "long_start_steps=3",
             "long_steps=2",
             "long_base_length=32",
@@ -87,6 +92,9 @@ def test_quickstart_trains_both_models_and_reports(ray_session, tmp_path):
     spec = {figure: value for stage, figure, value in summary["rows"] if stage == "speculative"}
     for name in ("transformer baseline", "transformer distilled", "trigram"):
         assert spec[f"{name}: speedup meas / theo"].endswith("(same as plain: True)")  # lossless, every drafter
+    sdtt = {figure: value for stage, figure, value in summary["rows"] if stage == "SDTT"}
+    assert set(sdtt) >= {"teacher @ 16 steps: gen ppl / entropy", "student r1 @ 8 steps: gen ppl / entropy"}
+    assert sdtt["student @ 8 vs teacher @ 16: time/sample"].endswith("x faster")
     long = {figure: value for stage, figure, value in summary["rows"] if stage == "token weighting"}
     for name in ("uniform CE", "dense (self scoring)"):
         before, after = (float(x) for x in long[f"{name}: ppl before / after b"].split(" / "))
