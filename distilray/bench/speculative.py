@@ -445,8 +445,8 @@ def main_lines(r: dict) -> list[str]:
     for name, t5 in (r.get("t5") or {}).get("drafters", {}).items():
         for variant, d in t5.items():
             lines.append(
-                f"t5 {name:<11}{variant:<10}{d.get('gamma', ''):>6}{d['alpha']:>8.3f}{d['mean_accepted_length']:>7.2f}"
-                f"{d['c']:>8.3f}{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}"
+                f"{'t5 ' + name:<14}{variant:<10}{d.get('gamma', ''):>6}{d['alpha']:>8.3f}"
+                f"{d['mean_accepted_length']:>7.2f}{d['c']:>8.3f}{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}"
             )
     for part, why in (r.get("skipped") or {}).items():
         lines.append(f"skipped with a user target: {part} ({why})")

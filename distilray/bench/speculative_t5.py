@@ -4,11 +4,13 @@
 smaller T5 drafter twice (baseline: cross-entropy on the gold summaries; distilled: KD from the
 target's logits, FastLLM's fkl + temperature + CE mix) and counts n-gram drafters (n = 1..4) on the
 gold summaries (baseline) and on the target's own greedy summaries of the train articles
-(distilled: the seed's pseudo-dataset). On held-out test articles it then decodes greedily with
-each drafter and with the target alone, side by side in one run, and reports per drafter
-(reference/speculative.md 3-4): alpha, mean accepted length, the measured cost ratio c, the
-measured speedup against the KV-cached target alone, and the theoretical speedup E[tau]/(gamma c + 1).
-Every speculative output is also checked token for token against the target's (`identical_to_plain`).
+(distilled: the seed's pseudo-dataset). Prompt lookup needs no training: it copies from the article
+(the source) and the summary so far, or (`summary`) from the summary alone. On held-out test
+articles it then decodes greedily with each drafter and with the target alone, side by side in one
+run, and reports per drafter (reference/speculative.md 3-4): alpha, mean accepted length, the
+measured cost ratio c, the measured speedup against the KV-cached target alone, and the theoretical
+speedup E[tau]/(gamma c + 1). Every speculative output is also checked token for token against the
+target's (`identical_to_plain`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from distilray.config import TrainSeq2SeqConfig, config_from
 from distilray.decoding.drafters import HFSeq2SeqDrafter
+from distilray.decoding.prompt_lookup import PromptLookupDrafter
 from distilray.decoding.seq2seq import decoder_forward, run_encoder
 from distilray.decoding.speculative import SpecRecord, plain_generate, speculative_generate, theoretical_speedup
 from distilray.io_utils import atomic_write_json, read_json
@@ -56,7 +59,8 @@ def run_t5(
 ) -> dict:
     """Train what is missing, then measure; returns {"target", "drafters", "settings", "seconds"}.
 
-    drafters: {"ngram1".."ngram4", "t5"} -> {"baseline", "distilled"} -> {alpha, mean_accepted_length,
+    drafters: {"ngram1".."ngram4", "t5"} -> {"baseline", "distilled"}, and "prompt-lookup" -> {"source",
+    "summary"} -> {alpha, mean_accepted_length,
     draft_acceptance_rate, c, speedup_measured, speedup_theoretical, gamma, identical_to_plain, tokens,
     target_passes} (+ parameters, val_loss, model_dir for t5); target: {model, parameters, val_loss, final_loss,
     steps, model_dir, seconds_per_token, step_seconds, tokens, sample}.
@@ -159,6 +163,11 @@ def _evaluate(
         drafters[f"ngram{n}"] = {k: (lambda src, d=d: d) for k, d in counted.items()}
     t5_models = {k: load_seq2seq_lm(r["model_dir"], device="cpu") for k, r in drafter_runs.items()}
     drafters["t5"] = {k: (lambda src, m=m: HFSeq2SeqDrafter(m, src)) for k, m in t5_models.items()}
+    # untrained: copies from the article (the source) and the summary so far, or from the summary alone
+    drafters["prompt-lookup"] = {
+        "source": lambda src: PromptLookupDrafter(vocab, encoder_ids=src),
+        "summary": lambda src: PromptLookupDrafter(vocab),
+    }
 
     results = _measure(target, drafters, test_src, start, eos, max_new_tokens, gamma)
     first = plain_generate(target, [start], max_new_tokens, eos_token_id=eos, encoder_ids=test_src[0]).token_ids
@@ -282,8 +291,15 @@ def _target_step_seconds(model, src: list[int], start: int, steps: int) -> float
 
 
 def _drafter_step_seconds(drafter, start: int, steps: int) -> float:
-    """Seconds of one drafter step (push a token, next_logits), after its start (and encoder) pass."""
+    """Seconds of one drafter step (push a token, next_logits), after its start (and encoder) pass.
+    A drafter with no logits (prompt lookup): one proposal, taken back."""
     drafter.start([start])
+    if not hasattr(drafter, "next_logits"):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            drafter.propose(1, None)
+            drafter.rollback(1)
+        return (time.perf_counter() - t0) / steps
     logits = drafter.next_logits()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -294,7 +310,7 @@ def _drafter_step_seconds(drafter, start: int, steps: int) -> float:
 
 def format_t5_table(result: dict) -> str:
     """A plain-text table of run_t5's figures, one row per drafter and kind."""
-    head = f"{'drafter':<8} {'kind':<10} {'alpha':>6} {'tau':>5} {'c':>6} {'S meas':>7} {'S theo':>7} same"
+    head = f"{'drafter':<13} {'kind':<10} {'alpha':>6} {'tau':>5} {'c':>6} {'S meas':>7} {'S theo':>7} same"
     t = result["target"]
     lines = [
         f"T5 target {t.get('model')} ({t.get('parameters', 0) / 1e6:.1f}M params, "
@@ -305,7 +321,7 @@ def format_t5_table(result: dict) -> str:
     for family, kinds in result["drafters"].items():
         for kind, f in kinds.items():
             lines.append(
-                f"{family:<8} {kind:<10} {f['alpha']:>6.3f} {f['mean_accepted_length']:>5.2f} {f['c']:>6.3f} "
+                f"{family:<13} {kind:<10} {f['alpha']:>6.3f} {f['mean_accepted_length']:>5.2f} {f['c']:>6.3f} "
                 f"{f['speedup_measured']:>7.2f} {f['speedup_theoretical']:>7.2f} {f['identical_to_plain']}"
             )
     return "\n".join(lines)

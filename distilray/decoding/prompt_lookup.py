@@ -10,6 +10,12 @@ through its own draft (periodic text repeats with its period, as in LZ77). No ma
 acceptance rule handles exactly, so the output is the target's own (greedy output equals plain
 greedy decoding).
 
+Encoder-decoder targets: `encoder_ids` (the source, e.g. the article being summarised) is text the
+decoder may copy from, read as if it came before the decoder's own tokens: at each n the decoder
+state's latest match wins, then the source's; a copy from the source stops at its end. This is
+what makes prompt lookup work for summarisation with a T5 target, whose decoder state holds only
+the summary so far.
+
 Search is O(max_ngram - min_ngram + 1) dictionary lookups per proposal: an index maps every n-gram
 that has a successor in the state to the position after its latest occurrence, kept up to date token
 by token on push and restored exactly on rollback from an undo log.
@@ -31,12 +37,20 @@ class PromptLookupDrafter:
 
     State: `_tokens` (L,); `_index[ngram] = c`, the position after the latest occurrence of `ngram`
     that ends before L - 1 (so tokens[c] exists); `_undo[p]` lists (ngram, previous value or None) for
-    the index entries that appending token p changed.
+    the index entries that appending token p changed. `_source_index` is the same map over
+    `encoder_ids`, fixed for the drafter's life.
     """
 
     needs_target_hidden = False
 
-    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1, max_draft: int = 8) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+        max_draft: int = 8,
+        encoder_ids: list[int] | None = None,
+    ) -> None:
         for name, value in (("vocab_size", vocab_size), ("min_ngram", min_ngram), ("max_draft", max_draft)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DistilrayError(f"prompt lookup: {name} must be an integer >= 1, got {value!r}")
@@ -44,6 +58,8 @@ class PromptLookupDrafter:
             raise DistilrayError(
                 f"prompt lookup: max_ngram must be an integer >= min_ngram ({min_ngram}), got {max_ngram!r}"
             )
+        if encoder_ids is not None and any(not 0 <= int(t) < vocab_size for t in encoder_ids):
+            raise DistilrayError(f"prompt lookup: a source id is outside the vocabulary of {vocab_size}")
         self.vocab_size = vocab_size
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
@@ -52,9 +68,16 @@ class PromptLookupDrafter:
         self._tokens: list[int] = []
         self._index: dict[NGram, int] = {}
         self._undo: list[list[tuple[NGram, int | None]]] = []
+        # the speculative loop checks that a drafter's source is the request's (speculative_decode)
+        self.encoder_ids = None if encoder_ids is None else [int(t) for t in encoder_ids]
+        self._source_index: dict[NGram, int] = {}
+        for p in range(1, len(self.encoder_ids or [])):  # later occurrences overwrite earlier ones
+            for n in range(min_ngram, min(max_ngram, p) + 1):
+                self._source_index[tuple(self.encoder_ids[p - n : p])] = p
 
     def start(self, prefix: list[int]) -> None:
-        """Take `prefix` (non-empty) as the state; fresh containers, so a shallow copy never shares them."""
+        """Take `prefix` (non-empty) as the state (the source stays); fresh containers, so a shallow copy
+        never shares them."""
         if len(prefix) == 0:
             raise DistilrayError("a drafter needs a non-empty prefix")
         self._tokens, self._index, self._undo = [], {}, []
@@ -88,16 +111,21 @@ class PromptLookupDrafter:
         return len(self._tokens)
 
     def lookup(self, limit: int) -> list[int]:
-        """Up to `limit` tokens that followed the longest, most recent earlier match of the state's suffix."""
+        """Up to `limit` tokens that followed the longest, most recent earlier match of the state's suffix
+        (in the state, then in the source)."""
         end = len(self._tokens)
-        for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
-            start = self._index.get(tuple(self._tokens[end - n :]))
+        for n in range(min(self.max_ngram, end), self.min_ngram - 1, -1):
+            suffix = tuple(self._tokens[end - n :])
+            start = self._index.get(suffix) if n < end else None  # an earlier occurrence needs n < end
             if start is not None:
                 # a match that runs into the suffix repeats with period end - start: copy on through the draft
                 draft: list[int] = []
                 for j in range(start, start + limit):
                     draft.append(self._tokens[j] if j < end else draft[j - end])
                 return draft
+            start = self._source_index.get(suffix)
+            if start is not None:
+                return self.encoder_ids[start : start + limit]
         return []
 
     def propose(self, gamma: int, sampler: Sampler, target_hidden: torch.Tensor | None = None) -> Draft:

@@ -95,6 +95,25 @@ def test_index_matches_definition_under_push_propose_rollback():
         assert d._index == fresh._index  # rollback restored the index exactly
 
 
+def test_source_is_earlier_text_to_copy_from():
+    source = [5, 6, 7, 8, 9, 6, 7, 4]
+    d = PromptLookupDrafter(100, encoder_ids=source)
+    d.start([0, 6])
+    assert d.lookup(2) == [7, 4]  # the latest occurrence of (6) in the source
+    d.push([7])
+    assert d.lookup(5) == [4]  # (6, 7) last occurs before the source's final token: the copy stops there
+    d.push([8])
+    assert d.lookup(3) == [9, 6, 7]  # the longest match: (6, 7, 8)
+    d.push([9, 6, 7, 8])  # state 0 6 7 8 9 6 7 8: at n = 3 its own (6, 7, 8) is later than the source's
+    assert d.lookup(3) == [9, 6, 7]
+    d.rollback(1)
+    assert d.lookup(3) == []  # the start token is nowhere in the source
+    d.start([0, 8])
+    assert d.lookup(2) == [9, 6] and d.encoder_ids == source  # a new request keeps the source
+    with pytest.raises(DistilrayError, match="vocabulary"):
+        PromptLookupDrafter(8, encoder_ids=source)
+
+
 def test_copies_never_share_state():
     template = PromptLookupDrafter(100)
     assert isinstance(template, Drafter) and not template.needs_target_hidden

@@ -7,6 +7,7 @@ import torch
 
 from distilray import corpus
 from distilray.decoding.drafters import HFDrafter, HFSeq2SeqDrafter
+from distilray.decoding.prompt_lookup import PromptLookupDrafter
 from distilray.decoding.speculative import plain_generate, speculative_generate
 from distilray.errors import DistilrayError
 from distilray.models.causal_lm import build_causal_lm
@@ -75,6 +76,23 @@ def test_greedy_equals_target_greedy_for_ngram_and_t5_drafters(setup):
                 accepted[name] += rec.accepted
     # both outcomes happened for both drafters: rollbacks were exercised, and so were accepted runs
     assert min(rejected.values()) > 0 and min(accepted.values()) > 0
+
+
+def test_prompt_lookup_copies_from_the_source_losslessly(setup):
+    tok, target, _, sources, start, _ = setup
+    drafted = accepted = rejected = 0
+    for src in sources[:3]:
+        want = plain_generate(target, [start], NEW, encoder_ids=src).token_ids
+        drafter = PromptLookupDrafter(len(tok), max_ngram=2, encoder_ids=src)
+        rec = speculative_generate(target, drafter, [start], NEW, gamma=4, encoder_ids=src)
+        assert rec.token_ids == want
+        drafted, accepted, rejected = drafted + rec.drafted, accepted + rec.accepted, rejected + rec.rejections
+    assert drafted > 0 and accepted > 0 and rejected > 0, (drafted, accepted, rejected)
+    # the source drafter sees only its own article: another request's is refused
+    with pytest.raises(DistilrayError, match="another source"):
+        speculative_generate(
+            target, PromptLookupDrafter(len(tok), encoder_ids=sources[0]), [start], NEW, encoder_ids=sources[1]
+        )
 
 
 def test_self_drafting_t5_accepts_everything(setup):
@@ -204,18 +222,20 @@ def test_bench_measurement_reports_every_drafter(setup):
     """run_t5's measuring half on untrained models: every figure present, outputs identical to plain."""
     from distilray.bench.speculative_t5 import _measure, format_t5_table
 
-    _, target, drafter_model, sources, start, ngram = setup
+    tok, target, drafter_model, sources, start, ngram = setup
     drafters = {
         "ngram3": {"baseline": lambda src: ngram},
         "t5": {"baseline": lambda src: HFSeq2SeqDrafter(drafter_model, src)},
+        "prompt-lookup": {"baseline": lambda src: PromptLookupDrafter(len(tok), encoder_ids=src)},
     }
     out = _measure(target, drafters, sources[:2], start, eos=None, max_new_tokens=12, gamma=3)
     assert out["target"]["tokens"] == 24 and out["target"]["seconds_per_token"] > 0
-    for family in ("ngram3", "t5"):
+    for family in ("ngram3", "t5", "prompt-lookup"):
         f = out["drafters"][family]["baseline"]
         assert f["identical_to_plain"] is True and f["tokens"] == 24 and f["gamma"] == 3
         assert 0.0 <= f["alpha"] <= 1.0 and 1.0 <= f["mean_accepted_length"] <= 4.0
         assert f["c"] > 0 and f["speedup_measured"] > 0 and f["speedup_theoretical"] > 0
     assert out["drafters"]["ngram3"]["baseline"]["c"] < out["drafters"]["t5"]["baseline"]["c"]
     out["settings"] = {"gamma": 3, "test_articles": 2}
-    assert "ngram3" in format_t5_table(out)
+    assert out["drafters"]["prompt-lookup"]["baseline"]["c"] < out["drafters"]["t5"]["baseline"]["c"]
+    assert "ngram3" in format_t5_table(out) and "prompt-lookup" in format_t5_table(out)
