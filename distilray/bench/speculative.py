@@ -442,10 +442,12 @@ def main_lines(r: dict) -> list[str]:
             f"serve ({s.get('drafter', 'best drafter')}, float32): {s['tokens_per_s_serve']:.0f} tok/s through the "
             f"endpoint, {s['tokens_per_s_in_process']:.0f} in process"
         )
+    if (r.get("t5") or {}).get("drafters"):
+        lines.append("T5 summarizer on cnndm test articles (encoder-decoder target; columns as above, to S theo):")
     for name, t5 in (r.get("t5") or {}).get("drafters", {}).items():
         for variant, d in t5.items():
             lines.append(
-                f"{'t5 ' + name:<14}{variant:<10}{d.get('gamma', ''):>6}{d['alpha']:>8.3f}"
+                f"{name:<14}{variant:<10}{d.get('gamma', ''):>6}{'':>4}{d['alpha']:>8.3f}"
                 f"{d['mean_accepted_length']:>7.2f}{d['c']:>8.3f}{d['speedup_measured']:>8.2f}{d['speedup_theoretical']:>8.2f}"
             )
     for part, why in (r.get("skipped") or {}).items():

@@ -12,39 +12,17 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
-from distilray.decoding.cached_model import crop_cache
 from distilray.eval.perplexity import perplexity
+from distilray.eval.speculative_speed import pass_times
 from distilray.models.causal_lm import build_causal_lm, count_parameters, load_causal_lm
 from distilray.models.quantize import quantize_int8
 
 VERIFY_GOAL = 1.3  # verification pass at gamma 4 <= 1.3x a one-token step ...
 GOAL_PARAMETERS = 20_000_000  # ... for a target of 20M parameters or more
 LARGE_PRESET = "small"  # GPT-2 preset of ~21M parameters over a 4096-token vocabulary
-
-
-@torch.inference_mode()
-def pass_times(models: dict, prompt: list[int], sizes: tuple[int, ...], repeats: int = 32) -> dict:
-    """{name: {n: median seconds of one cached pass over n new tokens after `prompt`}}, the models and
-    sizes timed in turn within each repeat, so that drifts in machine load hit all of them alike."""
-    caches = {
-        name: model(input_ids=torch.tensor([prompt]), use_cache=True).past_key_values for name, model in models.items()
-    }
-    samples: dict = {name: {n: [] for n in sizes} for name in models}
-    for repeat in range(repeats + 2):  # the first two rounds warm up
-        for name, model in models.items():
-            for n in sizes:
-                ids = torch.tensor([prompt[-n:]])  # (1, n)
-                start = time.perf_counter()
-                model(input_ids=ids, past_key_values=caches[name], use_cache=True)
-                if repeat >= 2:
-                    samples[name][n].append(time.perf_counter() - start)
-                crop_cache(caches[name], len(prompt))  # drop what this pass appended
-    return {name: {n: float(np.median(s)) for n, s in per.items()} for name, per in samples.items()}
 
 
 def cost_figures(fp32, int8, prompt: list[int], gamma: int) -> dict:

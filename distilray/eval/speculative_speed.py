@@ -37,27 +37,35 @@ def step_times(target, drafter, prompt: list[int], steps: int = 48) -> tuple[flo
 
 
 @torch.inference_mode()
+def pass_times(models: dict, prompt: list[int], sizes: tuple[int, ...], repeats: int = 32) -> dict:
+    """{name: {n: median seconds of one cached pass over n new tokens after `prompt`}}, the models and
+    sizes timed in turn within each repeat, so that drifts in machine load hit all of them alike."""
+    caches = {
+        name: model(input_ids=torch.tensor([prompt]), use_cache=True).past_key_values for name, model in models.items()
+    }
+    samples: dict = {name: {n: [] for n in sizes} for name in models}
+    batches = {n: torch.tensor([prompt[-n:] if n <= len(prompt) else [prompt[-1]] * n]) for n in sizes}  # (1, n)
+    for repeat in range(repeats + 2):  # the first two rounds warm up
+        for name, model in models.items():
+            for n in sizes:
+                ids = batches[n]
+                start = time.perf_counter()
+                model(input_ids=ids, past_key_values=caches[name], use_cache=True)
+                if repeat >= 2:
+                    samples[name][n].append(time.perf_counter() - start)
+                crop_cache(caches[name], len(prompt))  # drop what this pass appended
+    return {name: {n: float(np.median(s)) for n, s in per.items()} for name, per in samples.items()}
+
+
+@torch.inference_mode()
 def verify_cost(target, prompt: list[int], gammas: tuple[int, ...], repeats: int = 24) -> dict[int, float]:
     """v(gamma) = time of one cached target pass over gamma + 1 tokens / time over 1 token (medians).
 
     The i.i.d. theory prices a verification pass like a one-token step (true where decoding is
     memory-bound, as on a GPU); on a small CPU model compute grows with the tokens, and this ratio
     is what the measured speedup pays on top."""
-    out = target(input_ids=torch.tensor([prompt]), use_cache=True)
-    cache = out.past_key_values
-
-    def median_pass(n: int) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            ids = torch.tensor([prompt[-n:] if n <= len(prompt) else [prompt[-1]] * n])
-            target(input_ids=ids, past_key_values=cache, use_cache=True)
-            times.append(time.perf_counter() - t0)
-            crop_cache(cache, len(prompt))  # drop what this pass appended
-        return float(torch.tensor(times).median())
-
-    one = median_pass(1)
-    return {g: median_pass(g + 1) / one for g in gammas}
+    times = pass_times({"target": target}, prompt, tuple(sorted({1, *(g + 1 for g in gammas)})), repeats)["target"]
+    return {g: times[g + 1] / times[1] for g in gammas}
 
 
 def priced_speedup(records, verify: dict[int, float], c: float) -> float:
