@@ -63,6 +63,7 @@ class ShardIndex:
         self._entries = entries.astype(np.int64)
         self._starts = starts.astype(np.int64)
         self._counts = counts.astype(np.int64)
+        self._group_of = {int(e): g for g, e in enumerate(entries.tolist())}  # one query: no array bookkeeping
 
         # Small groups share one compact float32 matrix; big groups live only in their faiss index,
         # so no key is held twice. Normalised block by block: no full float32 copy of all keys.
@@ -154,6 +155,13 @@ class ShardIndex:
         if b == 0 or self.num_entries == 0:
             return rows, sims
 
+        if b == 1:  # a decoding step's one query: a dict lookup instead of the batch's sort and split
+            g = self._group_of.get(int(entries[0]))
+            if g is not None:
+                best, best_sim = self._search_group(g, q)
+                if best[0] >= 0:  # HNSW can return -1 when its graph search finds nothing
+                    rows[0], sims[0] = self._starts[g] + best[0], best_sim[0]
+            return rows, sims
         group = np.searchsorted(self._entries, entries)
         found = group < self.num_entries
         found[found] = self._entries[group[found]] == entries[found]

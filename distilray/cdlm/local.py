@@ -62,6 +62,8 @@ class LocalDatastore:
         """entries (B,) ints, queries (B, d) floats -> per query (chunk | None, cosine), in input order."""
         entries = np.asarray(entries).reshape(-1)
         queries = np.asarray(queries, dtype=np.float32).reshape(len(entries), -1)
+        if len(entries) == 1:  # one query (a decoding step): its shard answers it, no split or merge
+            return self.shards[shard_of(int(entries[0]), self.num_shards)].lookup_batch(entries, queries)
         batches = split_by_shard(entries, self.num_shards)
         answers = [self.shards[b.shard].lookup_batch(entries[b.index], queries[b.index]) for b in batches]
         return merge_shard_answers(len(entries), batches, answers)

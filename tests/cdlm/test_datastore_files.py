@@ -206,6 +206,10 @@ def test_index_matches_brute_force(faiss_min_rows, approx_min_rows):
         np.testing.assert_allclose(sims[~missing], best[~missing], atol=1e-4)
     assert index.chunk(int(rows[~missing][0])) == data.chunk(int(data.chunk_id[rows[~missing][0]]))
     assert index.memory_bytes() >= n * d * 4
+    # one query at a time (a decoding step's fast path) finds the batch's rows, missing entries included
+    singles = [index.search(entries[i : i + 1], queries[i : i + 1]) for i in range(16)]
+    assert [int(r[0]) for r, _ in singles] == rows[:16].tolist()
+    np.testing.assert_allclose([float(s[0]) for _, s in singles], sims[:16], atol=1e-6)
 
 
 def test_index_batch_equals_single_queries_and_empty():

@@ -33,6 +33,11 @@ def test_local_datastore_matches_brute_force_cosine(tmp_path):
         cos = normed[rows] @ (q / np.linalg.norm(q))
         assert chunk == chunks[rows[np.argmax(cos)]]
         assert sim == pytest.approx(cos.max(), abs=2e-3)  # keys are stored as float16
+    # one query alone (its own shard, no split or merge) answers as it does within the batch
+    for i in range(len(asked)):
+        alone = store.lookup(int(asked[i]), queries[i])
+        chunk, sim = store.query_batch(asked, queries)[i]
+        assert alone == (None if chunk is None else (chunk, pytest.approx(sim, abs=1e-6)))
     with pytest.raises(DistilrayError, match="another tokenizer"):
         LocalDatastore(tmp_path, "other")
 
